@@ -1,0 +1,155 @@
+//! API errors: every way a request can fail, and the one place each maps to the contract's
+//! status, `type` and headers.
+
+use crate::llm::UpstreamError;
+use crate::store::StoreError;
+use std::fmt;
+
+/// A request that cannot be answered with success.
+#[derive(Debug)]
+pub enum ApiError {
+    /// 400 `invalid_json`: empty body, not JSON, or not UTF-8.
+    InvalidJson(String),
+    /// 400 `invalid_request`: JSON of the wrong shape, or a bad path or query value.
+    InvalidRequest(String),
+    /// 404 `not_found`: no such route or chat.
+    NotFound(String),
+    /// 405 `method_not_allowed`, with the methods the path takes.
+    MethodNotAllowed {
+        /// Value of the `Allow` header.
+        allow: &'static str,
+    },
+    /// 409 `chat_busy`: the chat has a message queued or in progress.
+    ChatBusy,
+    /// 413 `payload_too_large`.
+    PayloadTooLarge {
+        /// `max_body_bytes`.
+        limit: usize,
+    },
+    /// 503 `overloaded`: every worker busy and the queue full.
+    Overloaded,
+    /// 503 `shutting_down`: the server is draining.
+    ShuttingDown,
+    /// 502 `upstream_error` or 504 `upstream_timeout`.
+    Upstream(UpstreamError),
+    /// 500 `internal`: the database failed.
+    Store(StoreError),
+    /// 500 `internal`: anything else.
+    Internal(String),
+}
+
+impl ApiError {
+    /// The HTTP status and the contract's error `type`.
+    pub fn status_and_type(&self) -> (u16, &'static str) {
+        match self {
+            ApiError::InvalidJson(_) => (400, "invalid_json"),
+            ApiError::InvalidRequest(_) => (400, "invalid_request"),
+            ApiError::NotFound(_) => (404, "not_found"),
+            ApiError::MethodNotAllowed { .. } => (405, "method_not_allowed"),
+            ApiError::ChatBusy => (409, "chat_busy"),
+            ApiError::PayloadTooLarge { .. } => (413, "payload_too_large"),
+            ApiError::Overloaded => (503, "overloaded"),
+            ApiError::ShuttingDown => (503, "shutting_down"),
+            ApiError::Upstream(UpstreamError::Timeout { .. }) => (504, "upstream_timeout"),
+            ApiError::Upstream(_) => (502, "upstream_error"),
+            ApiError::Store(_) | ApiError::Internal(_) => (500, "internal"),
+        }
+    }
+
+    /// Headers the contract asks for beside the body.
+    pub fn headers(&self) -> Vec<(&'static str, &'static str)> {
+        match self {
+            ApiError::MethodNotAllowed { allow } => vec![("Allow", allow)],
+            ApiError::ChatBusy | ApiError::Overloaded => vec![("Retry-After", "1")],
+            ApiError::ShuttingDown => vec![("Retry-After", "5")],
+            _ => Vec::new(),
+        }
+    }
+
+    /// Whether the fault is on the server's side and belongs in the log at warn or above.
+    pub fn is_server_fault(&self) -> bool {
+        matches!(self, ApiError::Upstream(_) | ApiError::Store(_) | ApiError::Internal(_))
+    }
+
+    /// The JSON body: `{"error": {"type", "message", "request_id"}}`.
+    pub fn body(&self, request_id: &str) -> serde_json::Value {
+        let (_, kind) = self.status_and_type();
+        serde_json::json!({
+            "error": {"type": kind, "message": self.to_string(), "request_id": request_id}
+        })
+    }
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ApiError::InvalidJson(m) | ApiError::InvalidRequest(m) | ApiError::NotFound(m) => f.write_str(m),
+            ApiError::MethodNotAllowed { allow } => write!(f, "method not allowed here; allowed: {allow}"),
+            ApiError::ChatBusy => f.write_str(
+                "this chat already has a message queued or in progress; retry when it has been answered",
+            ),
+            ApiError::PayloadTooLarge { limit } => write!(f, "the request body is larger than {limit} bytes"),
+            ApiError::Overloaded => f.write_str("every worker is busy and the queue is full; retry shortly"),
+            ApiError::ShuttingDown => f.write_str("the server is shutting down; retry against another instance or later"),
+            ApiError::Upstream(e) => e.fmt(f),
+            // Details of server faults go to the log under the request id, not to the client.
+            ApiError::Store(_) | ApiError::Internal(_) => {
+                f.write_str("internal error; the server log has the details under this request id")
+            }
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ApiError::Store(e)
+    }
+}
+
+impl From<UpstreamError> for ApiError {
+    fn from(e: UpstreamError) -> Self {
+        ApiError::Upstream(e)
+    }
+}
+
+/// The detail of a server fault for the log; `None` for client errors.
+pub fn log_detail(e: &ApiError) -> Option<String> {
+    match e {
+        ApiError::Upstream(u) => Some(u.to_string()),
+        ApiError::Store(s) => Some(s.to_string()),
+        ApiError::Internal(m) => Some(m.clone()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn upstream_errors_map_to_502_or_504_and_name_the_status() {
+        let e = ApiError::from(UpstreamError::Status { status: 500, detail: "boom".into(), attempts: 3 });
+        assert_eq!(e.status_and_type(), (502, "upstream_error"));
+        assert!(e.to_string().contains("HTTP 500"), "{e}");
+        let e = ApiError::from(UpstreamError::Timeout { after: Duration::from_secs(2) });
+        assert_eq!(e.status_and_type(), (504, "upstream_timeout"));
+    }
+
+    #[test]
+    fn internal_details_stay_out_of_the_body() {
+        let e = ApiError::Internal("secret path /var/x".into());
+        let body = e.body("r1");
+        assert_eq!(body["error"]["type"], "internal");
+        assert_eq!(body["error"]["request_id"], "r1");
+        assert!(!body.to_string().contains("/var/x"));
+        assert_eq!(log_detail(&e).as_deref(), Some("secret path /var/x"));
+    }
+
+    #[test]
+    fn shedding_errors_carry_retry_after() {
+        assert_eq!(ApiError::Overloaded.headers(), [("Retry-After", "1")]);
+        assert_eq!(ApiError::ChatBusy.status_and_type(), (409, "chat_busy"));
+        assert_eq!(ApiError::MethodNotAllowed { allow: "GET" }.headers(), [("Allow", "GET")]);
+    }
+}

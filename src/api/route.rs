@@ -1,0 +1,239 @@
+//! Routing: from a method and a URL to what should answer it. Pure string work, done by the
+//! acceptor for every request before anything is queued.
+
+use super::error::ApiError;
+use tiny_http::Method;
+
+/// Whoever answers a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// An operations endpoint, answered by the acceptor itself.
+    Ops(Ops),
+    /// An API call, answered by a worker.
+    Api(Route),
+}
+
+/// Operations endpoints: never queued, never authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ops {
+    /// `GET /healthz`
+    Healthz,
+    /// `GET /readyz`
+    Readyz,
+    /// `GET /status`
+    Status,
+    /// `GET /metrics`
+    Metrics,
+}
+
+/// API calls, with their validated path and query values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// `POST /v1/chats/{chat_id}/messages`
+    PostMessage {
+        /// The chat.
+        chat_id: String,
+    },
+    /// `GET /v1/chats/{chat_id}/messages?limit=&before=`
+    GetMessages {
+        /// The chat.
+        chat_id: String,
+        /// 1–500, default 50.
+        limit: usize,
+        /// Only messages with a smaller id.
+        before: Option<i64>,
+    },
+    /// `GET /v1/chats?limit=`
+    ListChats {
+        /// 1–500, default 50.
+        limit: usize,
+    },
+    /// `DELETE /v1/chats/{chat_id}`
+    DeleteChat {
+        /// The chat.
+        chat_id: String,
+    },
+}
+
+impl Route {
+    /// The `route` label in metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Route::PostMessage { .. } => "post_message",
+            Route::GetMessages { .. } => "get_messages",
+            Route::ListChats { .. } => "list_chats",
+            Route::DeleteChat { .. } => "delete_chat",
+        }
+    }
+
+    /// The chat this request holds busy while it is in flight: only a new message does.
+    pub fn busy_chat(&self) -> Option<&str> {
+        match self {
+            Route::PostMessage { chat_id } => Some(chat_id),
+            _ => None,
+        }
+    }
+
+    /// Whether the request carries a body.
+    pub fn has_body(&self) -> bool {
+        matches!(self, Route::PostMessage { .. })
+    }
+}
+
+impl Ops {
+    /// The `route` label in metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Ops::Healthz => "healthz",
+            Ops::Readyz => "readyz",
+            Ops::Status => "status",
+            Ops::Metrics => "metrics",
+        }
+    }
+}
+
+const DEFAULT_LIMIT: usize = 50;
+const MAX_LIMIT: usize = 500;
+
+/// Finds the target of a request, or the 400/404/405 that answers it.
+pub fn route(method: &Method, url: &str) -> Result<Target, ApiError> {
+    let (path, query) = url.split_once('?').unwrap_or((url, ""));
+    let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
+    let only = |allowed: &'static str, ok: bool| {
+        if ok {
+            Ok(())
+        } else {
+            Err(ApiError::MethodNotAllowed { allow: allowed })
+        }
+    };
+    let get = *method == Method::Get;
+    let target = match segments.as_slice() {
+        ["healthz"] => only("GET", get).map(|_| Target::Ops(Ops::Healthz))?,
+        ["readyz"] => only("GET", get).map(|_| Target::Ops(Ops::Readyz))?,
+        ["status"] => only("GET", get).map(|_| Target::Ops(Ops::Status))?,
+        ["metrics"] => only("GET", get).map(|_| Target::Ops(Ops::Metrics))?,
+        ["v1", "chats"] => {
+            only("GET", get)?;
+            let q = Query::parse(query)?;
+            Target::Api(Route::ListChats { limit: q.limit })
+        }
+        ["v1", "chats", id] => {
+            only("DELETE", *method == Method::Delete)?;
+            Target::Api(Route::DeleteChat { chat_id: chat_id(id)? })
+        }
+        ["v1", "chats", id, "messages"] => match method {
+            Method::Post => Target::Api(Route::PostMessage { chat_id: chat_id(id)? }),
+            Method::Get => {
+                let chat_id = chat_id(id)?;
+                let q = Query::parse(query)?;
+                Target::Api(Route::GetMessages { chat_id, limit: q.limit, before: q.before })
+            }
+            _ => return Err(ApiError::MethodNotAllowed { allow: "GET, POST" }),
+        },
+        _ => return Err(ApiError::NotFound(format!("no route for {path}"))),
+    };
+    Ok(target)
+}
+
+/// Whether `id` is 1 to 128 characters of `A-Z a-z 0-9 . _ -`.
+pub fn is_valid_chat_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+fn chat_id(id: &str) -> Result<String, ApiError> {
+    if is_valid_chat_id(id) {
+        Ok(id.to_string())
+    } else {
+        Err(ApiError::InvalidRequest(
+            "chat_id must be 1 to 128 characters of A-Z a-z 0-9 . _ -".into(),
+        ))
+    }
+}
+
+struct Query {
+    limit: usize,
+    before: Option<i64>,
+}
+
+impl Query {
+    fn parse(query: &str) -> Result<Query, ApiError> {
+        let mut q = Query { limit: DEFAULT_LIMIT, before: None };
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            match key {
+                "limit" => {
+                    q.limit = value
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=MAX_LIMIT).contains(n))
+                        .ok_or_else(|| {
+                            ApiError::InvalidRequest(format!("limit must be a whole number from 1 to {MAX_LIMIT}"))
+                        })?;
+                }
+                "before" => {
+                    q.before = Some(value.parse().ok().filter(|n: &i64| *n > 0).ok_or_else(|| {
+                        ApiError::InvalidRequest("before must be a message id (a positive whole number)".into())
+                    })?);
+                }
+                other => {
+                    return Err(ApiError::InvalidRequest(format!(
+                        "unknown query parameter `{other}`; expected limit or before"
+                    )))
+                }
+            }
+        }
+        Ok(q)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api(method: Method, url: &str) -> Route {
+        match route(&method, url) {
+            Ok(Target::Api(r)) => r,
+            other => panic!("{url}: {other:?}"),
+        }
+    }
+
+    fn err(method: Method, url: &str) -> (u16, &'static str) {
+        route(&method, url).unwrap_err().status_and_type()
+    }
+
+    #[test]
+    fn routes_every_endpoint() {
+        assert_eq!(route(&Method::Get, "/healthz").unwrap(), Target::Ops(Ops::Healthz));
+        assert_eq!(route(&Method::Get, "/metrics").unwrap(), Target::Ops(Ops::Metrics));
+        assert_eq!(api(Method::Post, "/v1/chats/c-1.x_y/messages"), Route::PostMessage { chat_id: "c-1.x_y".into() });
+        assert_eq!(
+            api(Method::Get, "/v1/chats/c1/messages?limit=2&before=9"),
+            Route::GetMessages { chat_id: "c1".into(), limit: 2, before: Some(9) }
+        );
+        assert_eq!(api(Method::Get, "/v1/chats"), Route::ListChats { limit: 50 });
+        assert_eq!(api(Method::Delete, "/v1/chats/c1"), Route::DeleteChat { chat_id: "c1".into() });
+    }
+
+    #[test]
+    fn wrong_method_is_405_and_unknown_path_404() {
+        assert_eq!(err(Method::Put, "/v1/chats/c1/messages"), (405, "method_not_allowed"));
+        assert_eq!(err(Method::Post, "/healthz"), (405, "method_not_allowed"));
+        assert_eq!(err(Method::Get, "/v1/chats/c1"), (405, "method_not_allowed"));
+        assert_eq!(err(Method::Get, "/v2/chats"), (404, "not_found"));
+        assert_eq!(err(Method::Get, "/v1/chats/c1/messages/"), (404, "not_found"));
+        assert_eq!(err(Method::Get, "/"), (404, "not_found"));
+    }
+
+    #[test]
+    fn bad_chat_ids_and_queries_are_400() {
+        let long = format!("/v1/chats/{}/messages", "a".repeat(129));
+        for url in ["/v1/chats/a%20b/messages", "/v1/chats/a:b/messages", long.as_str()] {
+            assert_eq!(err(Method::Post, url), (400, "invalid_request"), "{url}");
+        }
+        for q in ["limit=0", "limit=501", "limit=x", "before=-1", "before=", "page=2"] {
+            assert_eq!(err(Method::Get, &format!("/v1/chats/c/messages?{q}")), (400, "invalid_request"), "{q}");
+        }
+        assert!(is_valid_chat_id(&"a".repeat(128)));
+    }
+}

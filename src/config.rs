@@ -1,0 +1,339 @@
+//! The configuration: `config.toml`, its defaults, and the checks that refuse a bad one.
+//!
+//! Parsing is kept apart from reading the file so that every rule is tested on plain strings.
+//! Every key is optional; an unknown section or key is an error, because a misspelt key that
+//! is silently ignored is a setting the operator believes in and does not have.
+
+use serde::Deserialize;
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+
+/// The whole configuration, with the contract's defaults for every missing key.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// `[server]`: listening, pool size, limits, shutdown.
+    pub server: ServerConfig,
+    /// `[storage]`: the SQLite file.
+    pub storage: StorageConfig,
+    /// `[history]`: which earlier messages go to the LLM.
+    pub history: HistoryConfig,
+    /// `[llm]`: the upstream model.
+    pub llm: LlmConfig,
+    /// `[auth]`: bearer tokens (off while empty).
+    pub auth: AuthConfig,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on; default `127.0.0.1:8080`.
+    pub listen: String,
+    /// Worker threads; default 16.
+    pub max_concurrent_requests: usize,
+    /// Requests that may wait for a worker; default 64.
+    pub queue_capacity: usize,
+    /// Largest accepted request body; default 65536.
+    pub max_body_bytes: usize,
+    /// How long admitted work may run on after SIGTERM/SIGINT; default 30.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:8080".into(),
+            max_concurrent_requests: 16,
+            queue_capacity: 64,
+            max_body_bytes: 65536,
+            shutdown_grace_secs: 30,
+        }
+    }
+}
+
+/// `[storage]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// The SQLite database file; default `chatpool.db`.
+    pub path: PathBuf,
+    /// SQLite's `synchronous` setting; default normal.
+    pub synchronous: Synchronous,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            path: PathBuf::from("chatpool.db"),
+            synchronous: Synchronous::Normal,
+        }
+    }
+}
+
+/// How hard SQLite works to keep a commit: through a process crash, or through power loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    /// WAL with `synchronous = NORMAL`: a commit survives the process, not the machine.
+    Normal,
+    /// `synchronous = FULL`: a commit survives power loss.
+    Full,
+}
+
+/// `[history]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HistoryConfig {
+    /// At most this many earlier messages go to the LLM; default 40.
+    pub max_messages: usize,
+    /// At most this many characters of them; default 32000.
+    pub max_chars: usize,
+    /// Sent first when non-empty; default "You are a helpful assistant.".
+    pub system_prompt: String,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig {
+            max_messages: 40,
+            max_chars: 32000,
+            system_prompt: "You are a helpful assistant.".into(),
+        }
+    }
+}
+
+/// Which LLM answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    /// Built in: answers in-process after `mock_latency_ms`, no network.
+    Mock,
+    /// Any OpenAI-compatible `POST {base_url}/chat/completions`.
+    Openai,
+}
+
+impl fmt::Display for Provider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Provider::Mock => "mock",
+            Provider::Openai => "openai",
+        })
+    }
+}
+
+/// `[llm]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LlmConfig {
+    /// Default mock.
+    pub provider: Provider,
+    /// Default `https://api.openai.com/v1`.
+    pub base_url: String,
+    /// Default `gpt-4o-mini`.
+    pub model: String,
+    /// Name of the environment variable holding the key; default `OPENAI_API_KEY`.
+    pub api_key_env: String,
+    /// Default 3000.
+    pub connect_timeout_ms: u64,
+    /// The whole upstream exchange, retries included; default 120000.
+    pub request_timeout_ms: u64,
+    /// Retries after the first attempt; default 2.
+    pub max_retries: u32,
+    /// Provider mock only; default 0.
+    pub mock_latency_ms: u64,
+}
+
+impl Default for LlmConfig {
+    fn default() -> Self {
+        LlmConfig {
+            provider: Provider::Mock,
+            base_url: "https://api.openai.com/v1".into(),
+            model: "gpt-4o-mini".into(),
+            api_key_env: "OPENAI_API_KEY".into(),
+            connect_timeout_ms: 3000,
+            request_timeout_ms: 120_000,
+            max_retries: 2,
+            mock_latency_ms: 0,
+        }
+    }
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Tenants and the SHA-256 of their tokens; auth is off while this is empty.
+    pub tokens: Vec<TokenEntry>,
+}
+
+/// One `[auth] tokens` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenEntry {
+    /// The tenant the token acts for.
+    pub tenant: String,
+    /// Lowercase hex of the token's SHA-256.
+    pub sha256: String,
+}
+
+/// A configuration that cannot be used, with a one-line reason naming the problem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{}: cannot read: {e}", path.display())))?;
+        Config::parse(&text).map_err(|e| ConfigError(format!("{}: {}", path.display(), e.0)))
+    }
+
+    /// Parses and checks config text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+            let message = e.message().replace('\n', " ");
+            match line {
+                Some(line) => ConfigError(format!("line {line}: {message}")),
+                None => ConfigError(message),
+            }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but make no sense; also run after command-line overrides.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
+        let s = &self.server;
+        self.listen_addr()?;
+        if !(1..=MAX_WORKERS).contains(&s.max_concurrent_requests) {
+            return bad(
+                "server.max_concurrent_requests",
+                &format!("must be between 1 and {MAX_WORKERS}"),
+            );
+        }
+        if s.queue_capacity > MAX_QUEUE {
+            return bad("server.queue_capacity", &format!("must be at most {MAX_QUEUE}"));
+        }
+        if s.max_body_bytes == 0 {
+            return bad("server.max_body_bytes", "must be at least 1");
+        }
+        if self.storage.path.as_os_str().is_empty() {
+            return bad("storage.path", "must not be empty");
+        }
+        if self.history.max_messages > 10_000 {
+            return bad("history.max_messages", "must be at most 10000");
+        }
+        let l = &self.llm;
+        if l.model.trim().is_empty() {
+            return bad("llm.model", "must not be empty");
+        }
+        if l.provider == Provider::Openai
+            && !(l.base_url.starts_with("http://") || l.base_url.starts_with("https://"))
+        {
+            return bad("llm.base_url", "must start with http:// or https://");
+        }
+        if l.connect_timeout_ms == 0 || l.request_timeout_ms == 0 {
+            return bad("llm", "connect_timeout_ms and request_timeout_ms must be at least 1");
+        }
+        if l.max_retries > 10 {
+            return bad("llm.max_retries", "must be at most 10");
+        }
+        for (i, entry) in self.auth.tokens.iter().enumerate() {
+            let hex = entry.sha256.len() == 64 && entry.sha256.bytes().all(|b| b.is_ascii_hexdigit());
+            if !hex {
+                return bad(&format!("auth.tokens[{i}].sha256"), "must be 64 hex digits");
+            }
+            if entry.tenant.is_empty() {
+                return bad(&format!("auth.tokens[{i}].tenant"), "must not be empty");
+            }
+        }
+        Ok(())
+    }
+
+    /// The listen address, resolved.
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        let listen = &self.server.listen;
+        listen
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut addrs| addrs.next())
+            .ok_or_else(|| ConfigError(format!("server.listen: `{listen}` is not a host:port address")))
+    }
+}
+
+/// More workers than this is a typo, not a plan: each one is a thread with its own stack.
+pub const MAX_WORKERS: usize = 4096;
+/// Waiting requests hold a client connection and a thread in tiny_http each.
+pub const MAX_QUEUE: usize = 65536;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_text_gives_the_defaults() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:8080");
+        assert_eq!(c.server.max_concurrent_requests, 16);
+        assert_eq!(c.server.queue_capacity, 64);
+        assert_eq!(c.storage.synchronous, Synchronous::Normal);
+        assert_eq!(c.history.max_messages, 40);
+        assert_eq!(c.llm.provider, Provider::Mock);
+        assert!(c.auth.tokens.is_empty());
+    }
+
+    #[test]
+    fn the_shipped_config_is_the_defaults() {
+        let shipped = Config::parse(include_str!("../config.toml")).unwrap();
+        let defaults = Config::default();
+        assert_eq!(format!("{shipped:?}"), format!("{defaults:?}"));
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let err = Config::parse("[server]\nlisten = \"127.0.0.1:1\"\nworkers = 3\n").unwrap_err();
+        assert!(err.0.starts_with("line 3:"), "{err}");
+        assert!(err.0.contains("unknown field `workers`"), "{err}");
+        assert!(!err.0.contains('\n'));
+    }
+
+    #[test]
+    fn unknown_section_is_refused() {
+        let err = Config::parse("[serverr]\n").unwrap_err();
+        assert!(err.0.contains("unknown field `serverr`"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_and_bad_enum_are_refused() {
+        let err = Config::parse("[server]\nmax_concurrent_requests = \"x\"\n").unwrap_err();
+        assert!(err.0.contains("line 2"), "{err}");
+        let err = Config::parse("[storage]\nsynchronous = \"fast\"\n").unwrap_err();
+        assert!(err.0.contains("fast"), "{err}");
+    }
+
+    #[test]
+    fn values_out_of_range_are_named() {
+        let err = Config::parse("[server]\nmax_concurrent_requests = 0\n").unwrap_err();
+        assert!(err.0.starts_with("server.max_concurrent_requests"), "{err}");
+        let err = Config::parse("[server]\nlisten = \"nowhere\"\n").unwrap_err();
+        assert!(err.0.starts_with("server.listen"), "{err}");
+        let err = Config::parse("[llm]\nprovider = \"openai\"\nbase_url = \"ftp://x\"\n").unwrap_err();
+        assert!(err.0.starts_with("llm.base_url"), "{err}");
+        let err = Config::parse("[auth]\ntokens = [{ tenant = \"a\", sha256 = \"zz\" }]\n").unwrap_err();
+        assert!(err.0.starts_with("auth.tokens[0].sha256"), "{err}");
+    }
+}

@@ -1,0 +1,308 @@
+//! The server: start-up, the acceptor thread, and shutdown.
+//!
+//! One thread named `acceptor` receives every request from tiny_http. It answers the
+//! operations endpoints itself, refuses what can be refused from the request line and headers
+//! alone, and admits API calls into the bounded job channel with `try_send`, so a full pool is
+//! a 503 at once and never a wait. It owns the channel's only sender: draining drops it, which
+//! lets the workers finish the queue and return.
+//!
+//! Shutdown order: stop admitting (the acceptor drops the sender and keeps answering, so
+//! `/healthz` and `/readyz` stay truthful), wait for the workers up to the grace period, then
+//! stop the acceptor.
+
+use crate::admission::{Admission, Refusal};
+use crate::api::{self, ApiError, Job, Ops, Target};
+use crate::config::{Config, ConfigError};
+use crate::llm::LlmClient;
+use crate::metrics::Metrics;
+use crate::pool::Pool;
+use crate::store::{self, Store, StoreError};
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use serde_json::json;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+/// Why the server could not start.
+#[derive(Debug)]
+pub enum StartError {
+    /// The configuration is unusable.
+    Config(ConfigError),
+    /// The database could not be opened or migrated.
+    Store(StoreError),
+    /// The address could not be bound (in use, not local, no permission).
+    Bind {
+        /// The address asked for.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// A thread could not be started.
+    Thread(std::io::Error),
+}
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StartError::Config(e) => write!(f, "invalid configuration: {e}"),
+            StartError::Store(e) => write!(f, "cannot open the database: {e}"),
+            StartError::Bind { addr, reason } => write!(f, "cannot listen on {addr}: {reason}"),
+            StartError::Thread(e) => write!(f, "cannot start a thread: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// Flags the main thread sets and the acceptor reads.
+struct Control {
+    draining: AtomicBool,
+    stopping: AtomicBool,
+}
+
+/// A running chatpool.
+pub struct Server {
+    addr: SocketAddr,
+    http: Arc<tiny_http::Server>,
+    acceptor: JoinHandle<()>,
+    pool: Pool,
+    control: Arc<Control>,
+    grace: Duration,
+}
+
+/// How a shutdown went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Whether every admitted request finished within the grace period.
+    pub drained: bool,
+}
+
+impl Server {
+    /// Opens the database, binds the address, starts the workers and the acceptor.
+    pub fn start(config: Config) -> Result<Server, StartError> {
+        config.validate().map_err(StartError::Config)?;
+        let config = Arc::new(config);
+        let workers = config.server.max_concurrent_requests;
+        let path = &config.storage.path;
+        let sync = config.storage.synchronous;
+        let readiness = Store::open_and_migrate(path, sync).map_err(StartError::Store)?;
+        let stores = (0..workers)
+            .map(|_| Store::open(path, sync))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(StartError::Store)?;
+
+        let http = tiny_http::Server::http(&config.server.listen).map_err(|e| StartError::Bind {
+            addr: config.server.listen.clone(),
+            reason: e.to_string(),
+        })?;
+        let addr = http.server_addr().to_ip().ok_or_else(|| StartError::Bind {
+            addr: config.server.listen.clone(),
+            reason: "not an IP address".into(),
+        })?;
+        let http = Arc::new(http);
+
+        let metrics = Arc::new(Metrics::new(workers, config.server.queue_capacity));
+        let llm = LlmClient::new(&config.llm, workers, Arc::clone(&metrics));
+        if config.llm.provider == crate::config::Provider::Openai && !llm.has_key() {
+            log::warn!(
+                "no API key in ${}: calls to {} go without an Authorization header",
+                config.llm.api_key_env,
+                config.llm.base_url
+            );
+        }
+        let handlers: Vec<_> = stores
+            .into_iter()
+            .map(|store| {
+                let mut handler = api::Handler::new(store, llm.clone(), Arc::clone(&config), Arc::clone(&metrics));
+                move |job: Job| handler.run(job)
+            })
+            .collect();
+        // Sized for every request in flight, so `try_send` fails only if admission is wrong;
+        // admission (not the channel's fullness) enforces workers + queue_capacity.
+        let limit = workers + config.server.queue_capacity;
+        let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(limit);
+        let pool = Pool::start(jobs_rx.clone(), handlers).map_err(StartError::Thread)?;
+
+        let control = Arc::new(Control { draining: AtomicBool::new(false), stopping: AtomicBool::new(false) });
+        let acceptor = Acceptor {
+            http: Arc::clone(&http),
+            jobs: Some(jobs_tx),
+            queue: jobs_rx,
+            admission: Admission::new(limit),
+            metrics,
+            control: Arc::clone(&control),
+            readiness,
+            config: Arc::clone(&config),
+            started: Instant::now(),
+        };
+        let acceptor = thread::Builder::new()
+            .name("acceptor".into())
+            .spawn(move || acceptor.run())
+            .map_err(StartError::Thread)?;
+        Ok(Server {
+            addr,
+            http,
+            acceptor,
+            pool,
+            control,
+            grace: Duration::from_secs(config.server.shutdown_grace_secs),
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops admitting, lets admitted requests finish for up to the grace period, then stops.
+    pub fn shutdown(self) -> ShutdownReport {
+        self.control.draining.store(true, Ordering::SeqCst);
+        self.http.unblock();
+        let drained = self.pool.join_until(Instant::now() + self.grace);
+        self.control.stopping.store(true, Ordering::SeqCst);
+        self.http.unblock();
+        // The acceptor only answers small requests; it returns at its next receive.
+        let _ = self.acceptor.join();
+        ShutdownReport { drained }
+    }
+}
+
+/// The acceptor thread's state; nothing else touches it.
+struct Acceptor {
+    http: Arc<tiny_http::Server>,
+    /// The only sender of the job channel; `None` once draining.
+    jobs: Option<Sender<Job>>,
+    /// The workers' end of the channel, kept only to read the queue's length.
+    queue: Receiver<Job>,
+    admission: Admission,
+    metrics: Arc<Metrics>,
+    control: Arc<Control>,
+    readiness: Store,
+    config: Arc<Config>,
+    started: Instant,
+}
+
+impl Acceptor {
+    fn run(mut self) {
+        loop {
+            if self.control.draining.load(Ordering::SeqCst) && self.jobs.take().is_some() {
+                log::info!("draining: no new requests are admitted; {} in flight", self.admission.in_flight());
+            }
+            match self.http.recv() {
+                Ok(request) => self.dispatch(request),
+                Err(_) if self.control.stopping.load(Ordering::SeqCst) => return,
+                Err(e) => {
+                    if !self.control.draining.load(Ordering::SeqCst) {
+                        log::warn!("accepting a connection failed: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    fn dispatch(&mut self, request: tiny_http::Request) {
+        let received = Instant::now();
+        let request_id = api::header(&request, "X-Request-Id")
+            .filter(|id| api::request::is_sane_token(id))
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("{:016x}", fastrand::u64(..)));
+        match api::route(request.method(), request.url()) {
+            Ok(Target::Ops(ops)) => {
+                let response = self.ops(ops);
+                self.metrics.request(ops.name(), response.status_code().0);
+                api::respond(request, response, &request_id);
+            }
+            Ok(Target::Api(route)) => {
+                let name = route.name();
+                if let Err(error) = self.admit(request, route, &request_id, received) {
+                    let (request, error) = *error;
+                    self.reject(request, name, &error, &request_id, received);
+                }
+            }
+            Err(error) => self.reject(request, "unknown", &error, &request_id, received),
+        }
+    }
+
+    /// Queues an API call, or gives the request back with the error that refuses it.
+    fn admit(
+        &mut self,
+        request: tiny_http::Request,
+        route: api::Route,
+        request_id: &str,
+        received: Instant,
+    ) -> Result<(), Box<(tiny_http::Request, ApiError)>> {
+        let Some(jobs) = &self.jobs else {
+            return Err(Box::new((request, ApiError::ShuttingDown)));
+        };
+        let limit = self.config.server.max_body_bytes;
+        if route.has_body() && request.body_length().is_some_and(|n| n > limit) {
+            return Err(Box::new((request, ApiError::PayloadTooLarge { limit })));
+        }
+        let ticket = match self.admission.admit(route.busy_chat()) {
+            Ok(ticket) => ticket,
+            Err(Refusal::Full) => return Err(Box::new((request, ApiError::Overloaded))),
+            Err(Refusal::ChatBusy) => return Err(Box::new((request, ApiError::ChatBusy))),
+        };
+        let job = Job { request, route, request_id: request_id.to_string(), received, ticket };
+        match jobs.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
+                Err(Box::new((job.request, ApiError::Overloaded)))
+            }
+        }
+    }
+
+    fn reject(&self, request: tiny_http::Request, route: &str, error: &ApiError, request_id: &str, received: Instant) {
+        let (status, kind) = error.status_and_type();
+        if status == 503 || status == 409 {
+            self.metrics.rejected(kind);
+        }
+        let (method, url) = (request.method().to_string(), request.url().to_string());
+        api::respond(request, api::error_response(error, request_id), request_id);
+        self.metrics.request(route, status);
+        api::log_request(&method, &url, status, received.elapsed().as_secs_f64() * 1e3, request_id);
+    }
+
+    fn ops(&mut self, ops: Ops) -> api::HttpResponse {
+        let draining = self.jobs.is_none();
+        match ops {
+            Ops::Healthz => api::json_response(200, &json!({"status": "ok"})),
+            Ops::Readyz => {
+                if draining {
+                    return api::json_response(503, &json!({"status": "draining"}));
+                }
+                match self.readiness.check_readable() {
+                    Ok(()) => api::json_response(200, &json!({"status": "ready"})),
+                    Err(e) => {
+                        log::warn!("readiness check: {e}");
+                        api::json_response(503, &json!({"status": "database unavailable"}))
+                    }
+                }
+            }
+            Ops::Status => api::json_response(
+                200,
+                &json!({
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "uptime_secs": self.started.elapsed().as_secs(),
+                    "workers": self.config.server.max_concurrent_requests,
+                    "workers_busy": self.metrics.workers_busy.get(),
+                    "queue_depth": self.queue.len(),
+                    "queue_capacity": self.config.server.queue_capacity,
+                    "draining": draining,
+                    "sqlite_version": store::sqlite_version(),
+                }),
+            ),
+            Ops::Metrics => {
+                self.metrics.queue_depth.set(self.queue.len() as i64);
+                api::with_header(
+                    tiny_http::Response::from_data(self.metrics.render()),
+                    "Content-Type",
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )
+            }
+        }
+    }
+}

@@ -1,0 +1,463 @@
+//! Storage: chats and their messages in one SQLite file.
+//!
+//! Every worker owns one [`Store`] (a connection with its own statement cache), so no lock is
+//! shared between workers; SQLite's WAL lets readers run beside the one writer. The schema is an
+//! append-only list of migrations indexed by `PRAGMA user_version`, applied in one transaction at
+//! start-up; a database newer than this code, or one that is not chatpool's, is refused rather
+//! than touched.
+
+use crate::config::Synchronous;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+/// Schema versions, oldest first. Append only: a released entry never changes.
+const MIGRATIONS: &[&str] = &[
+    // 1: chats, their messages, and idempotency keys stored with the reply they produced.
+    "CREATE TABLE chats (
+        chat_id TEXT PRIMARY KEY NOT NULL,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        message_count INTEGER NOT NULL,
+        last_message_id INTEGER NOT NULL
+    );
+    CREATE INDEX chats_by_recency ON chats(last_message_id);
+    CREATE TABLE messages (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        chat_id TEXT NOT NULL,
+        role TEXT NOT NULL,
+        content TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        model TEXT,
+        prompt_tokens INTEGER,
+        completion_tokens INTEGER,
+        idempotency_key TEXT
+    );
+    CREATE INDEX messages_by_chat ON messages(chat_id, id);
+    CREATE UNIQUE INDEX messages_by_idempotency_key ON messages(chat_id, idempotency_key)
+        WHERE idempotency_key IS NOT NULL;",
+];
+
+/// How long a statement waits for another connection's write lock before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// SQL for "now" in the API's timestamp format.
+const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%SZ', 'now')";
+
+/// What can go wrong with the database.
+#[derive(Debug)]
+pub enum StoreError {
+    /// The database stayed locked by another writer for longer than the busy timeout.
+    Busy,
+    /// The file is not a chatpool database, or one from a newer chatpool.
+    Schema(String),
+    /// Any other SQLite failure (disk full, read-only, I/O, corruption).
+    Sqlite(rusqlite::Error),
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::Busy => write!(f, "the database is locked by another writer"),
+            StoreError::Schema(why) => f.write_str(why),
+            StoreError::Sqlite(e) => write!(f, "SQLite: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        use rusqlite::ErrorCode::{DatabaseBusy, DatabaseLocked};
+        match e.sqlite_error_code() {
+            Some(DatabaseBusy | DatabaseLocked) => StoreError::Busy,
+            _ => StoreError::Sqlite(e),
+        }
+    }
+}
+
+/// One stored message, as history and the API see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// Increasing over the whole database, never reused.
+    pub id: i64,
+    /// `user` or `assistant`.
+    pub role: String,
+    /// The text.
+    pub content: String,
+    /// RFC 3339, UTC, seconds.
+    pub created_at: String,
+}
+
+/// A reply stored with an idempotency key, enough to answer a replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredReply {
+    /// The reply's message id.
+    pub message_id: i64,
+    /// The reply text.
+    pub content: String,
+    /// The model that wrote it.
+    pub model: String,
+    /// Token counts, when the LLM gave them.
+    pub usage: Option<(u64, u64)>,
+}
+
+/// The exchange to store after the LLM answered.
+#[derive(Debug, Clone)]
+pub struct Exchange<'a> {
+    /// The chat it belongs to.
+    pub chat_id: &'a str,
+    /// The user's message.
+    pub user: &'a str,
+    /// The LLM's reply.
+    pub reply: &'a str,
+    /// The model that wrote it.
+    pub model: &'a str,
+    /// Prompt and completion tokens, when the LLM gave them.
+    pub usage: Option<(u64, u64)>,
+    /// The client's `Idempotency-Key`, if any.
+    pub idempotency_key: Option<&'a str>,
+}
+
+/// A page of a chat's history, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    /// The messages, oldest first.
+    pub messages: Vec<Message>,
+    /// Whether older messages exist before the first one.
+    pub has_more: bool,
+}
+
+/// One row of the chat list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatSummary {
+    /// The chat's id.
+    pub chat_id: String,
+    /// Messages in it.
+    pub message_count: i64,
+    /// When its first message was stored.
+    pub created_at: String,
+    /// When its last message was stored.
+    pub updated_at: String,
+}
+
+/// A connection to the database, owned by one thread.
+pub struct Store {
+    conn: Connection,
+}
+
+impl Store {
+    /// Opens the file (creating it when missing), sets the pragmas and brings the schema up to
+    /// date. Call once at start-up before the workers [`Store::open`] their own connections.
+    pub fn open_and_migrate(path: &Path, sync: Synchronous) -> Result<Store, StoreError> {
+        let mut store = Store::open(path, sync)?;
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// Opens a connection to a database that is already migrated.
+    pub fn open(path: &Path, sync: Synchronous) -> Result<Store, StoreError> {
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(path, flags)?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        // WAL is a property of the file and cannot change inside a transaction, so it is set
+        // here, before any migration runs.
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Schema(format!(
+                "{}: cannot switch the database to WAL (journal_mode is {mode})",
+                path.display()
+            )));
+        }
+        let sync = match sync {
+            Synchronous::Normal => "NORMAL",
+            Synchronous::Full => "FULL",
+        };
+        conn.execute_batch(&format!("PRAGMA synchronous = {sync};"))?;
+        conn.set_prepared_statement_cache_capacity(32);
+        Ok(Store { conn })
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let version: usize = self.conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version > MIGRATIONS.len() {
+            return Err(StoreError::Schema(format!(
+                "the database has schema version {version}, newer than this chatpool knows ({}); \
+                 refusing to touch it",
+                MIGRATIONS.len()
+            )));
+        }
+        if version == 0 {
+            let tables: i64 =
+                self.conn
+                    .query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table'", [], |r| {
+                        r.get(0)
+                    })?;
+            if tables > 0 {
+                return Err(StoreError::Schema(
+                    "the file holds tables but is not a chatpool database; refusing to touch it"
+                        .into(),
+                ));
+            }
+        }
+        if version == MIGRATIONS.len() {
+            return Ok(());
+        }
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Exclusive)?;
+        for sql in &MIGRATIONS[version..] {
+            tx.execute_batch(sql)?;
+        }
+        tx.pragma_update(None, "user_version", MIGRATIONS.len())?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The `limit` newest messages of a chat, newest first; reads no more rows than that.
+    pub fn newest_messages(&mut self, chat_id: &str, limit: usize) -> Result<Vec<Message>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, role, content, created_at FROM messages
+             WHERE chat_id = ?1 ORDER BY id DESC LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![chat_id, limit as i64], message_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The reply stored earlier under this idempotency key in this chat, if any.
+    pub fn find_reply(&mut self, chat_id: &str, key: &str) -> Result<Option<StoredReply>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, content, model, prompt_tokens, completion_tokens FROM messages
+             WHERE chat_id = ?1 AND idempotency_key = ?2",
+        )?;
+        let reply = stmt
+            .query_row(params![chat_id, key], |r| {
+                let prompt: Option<i64> = r.get(3)?;
+                let completion: Option<i64> = r.get(4)?;
+                Ok(StoredReply {
+                    message_id: r.get(0)?,
+                    content: r.get(1)?,
+                    model: r.get::<_, Option<String>>(2)?.unwrap_or_default(),
+                    usage: prompt.zip(completion).map(|(p, c)| (p as u64, c as u64)),
+                })
+            })
+            .optional()?;
+        Ok(reply)
+    }
+
+    /// Stores the user's message and the reply in one transaction; returns the reply's id.
+    pub fn append_exchange(&mut self, exchange: &Exchange<'_>) -> Result<i64, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            let mut insert = tx.prepare_cached(&format!(
+                "INSERT INTO messages (chat_id, role, content, created_at, model, prompt_tokens,
+                                       completion_tokens, idempotency_key)
+                 VALUES (?1, ?2, ?3, {NOW}, ?4, ?5, ?6, ?7)"
+            ))?;
+            let (prompt, completion) = match exchange.usage {
+                Some((p, c)) => (Some(p as i64), Some(c as i64)),
+                None => (None, None),
+            };
+            let none: Option<&str> = None;
+            insert.execute(params![exchange.chat_id, "user", exchange.user, none, None::<i64>, None::<i64>, none])?;
+            insert.execute(params![
+                exchange.chat_id,
+                "assistant",
+                exchange.reply,
+                exchange.model,
+                prompt,
+                completion,
+                exchange.idempotency_key
+            ])?;
+        }
+        let reply_id = tx.last_insert_rowid();
+        tx.prepare_cached(&format!(
+            "INSERT INTO chats (chat_id, created_at, updated_at, message_count, last_message_id)
+             VALUES (?1, {NOW}, {NOW}, 2, ?2)
+             ON CONFLICT (chat_id) DO UPDATE SET updated_at = excluded.updated_at,
+                 message_count = message_count + 2, last_message_id = excluded.last_message_id"
+        ))?
+        .execute(params![exchange.chat_id, reply_id])?;
+        tx.commit()?;
+        Ok(reply_id)
+    }
+
+    /// Up to `limit` messages older than `before` (or the newest), oldest first; `None` when the
+    /// chat does not exist.
+    pub fn page(&mut self, chat_id: &str, limit: usize, before: Option<i64>) -> Result<Option<Page>, StoreError> {
+        let tx = self.conn.transaction()?;
+        let exists = tx
+            .prepare_cached("SELECT 1 FROM chats WHERE chat_id = ?1")?
+            .exists(params![chat_id])?;
+        if !exists {
+            return Ok(None);
+        }
+        let mut messages: Vec<Message> = tx
+            .prepare_cached(
+                "SELECT id, role, content, created_at FROM messages
+                 WHERE chat_id = ?1 AND id < ?2 ORDER BY id DESC LIMIT ?3",
+            )?
+            .query_map(
+                params![chat_id, before.unwrap_or(i64::MAX), limit as i64 + 1],
+                message_from_row,
+            )?
+            .collect::<Result<_, _>>()?;
+        let has_more = messages.len() > limit;
+        messages.truncate(limit);
+        messages.reverse();
+        Ok(Some(Page { messages, has_more }))
+    }
+
+    /// The `limit` most recently updated chats, most recent first.
+    pub fn list_chats(&mut self, limit: usize) -> Result<Vec<ChatSummary>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT chat_id, message_count, created_at, updated_at FROM chats
+             ORDER BY last_message_id DESC LIMIT ?1",
+        )?;
+        let rows = stmt.query_map(params![limit as i64], |r| {
+            Ok(ChatSummary {
+                chat_id: r.get(0)?,
+                message_count: r.get(1)?,
+                created_at: r.get(2)?,
+                updated_at: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Deletes a chat and all its messages; `false` when it did not exist.
+    pub fn delete_chat(&mut self, chat_id: &str) -> Result<bool, StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.prepare_cached("DELETE FROM messages WHERE chat_id = ?1")?
+            .execute(params![chat_id])?;
+        let deleted = tx
+            .prepare_cached("DELETE FROM chats WHERE chat_id = ?1")?
+            .execute(params![chat_id])?;
+        tx.commit()?;
+        Ok(deleted > 0)
+    }
+
+    /// Whether the database answers a read, for `/readyz`.
+    pub fn check_readable(&mut self) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("SELECT count(*) FROM chats WHERE rowid = 0")?
+            .query_row([], |_| Ok(()))?;
+        Ok(())
+    }
+}
+
+fn message_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
+    Ok(Message {
+        id: r.get(0)?,
+        role: r.get(1)?,
+        content: r.get(2)?,
+        created_at: r.get(3)?,
+    })
+}
+
+/// The version of the SQLite library linked in.
+pub fn sqlite_version() -> &'static str {
+    rusqlite::version()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_and_migrate(&dir.path().join("t.db"), Synchronous::Normal).unwrap();
+        (dir, store)
+    }
+
+    fn exchange<'a>(chat: &'a str, user: &'a str, reply: &'a str, key: Option<&'a str>) -> Exchange<'a> {
+        Exchange { chat_id: chat, user, reply, model: "m", usage: Some((3, 4)), idempotency_key: key }
+    }
+
+    #[test]
+    fn migrating_twice_is_a_no_op() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let mut s = Store::open_and_migrate(&path, Synchronous::Normal).unwrap();
+        s.append_exchange(&exchange("c", "hi", "hello", None)).unwrap();
+        drop(s);
+        let mut s = Store::open_and_migrate(&path, Synchronous::Full).unwrap();
+        assert_eq!(s.newest_messages("c", 10).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn refuses_a_newer_or_foreign_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let newer = dir.path().join("newer.db");
+        Connection::open(&newer).unwrap().execute_batch("PRAGMA user_version = 99").unwrap();
+        let err = Store::open_and_migrate(&newer, Synchronous::Normal).err().unwrap();
+        assert!(err.to_string().contains("newer"), "{err}");
+        let foreign = dir.path().join("foreign.db");
+        Connection::open(&foreign).unwrap().execute_batch("CREATE TABLE t(x)").unwrap();
+        let err = Store::open_and_migrate(&foreign, Synchronous::Normal).err().unwrap();
+        assert!(err.to_string().contains("not a chatpool database"), "{err}");
+    }
+
+    #[test]
+    fn exchange_is_stored_in_order_and_counted() {
+        let (_d, mut s) = temp_store();
+        let first = s.append_exchange(&exchange("c", "u1", "a1", None)).unwrap();
+        let second = s.append_exchange(&exchange("c", "u2", "a2", None)).unwrap();
+        assert!(second > first);
+        let newest = s.newest_messages("c", 3).unwrap();
+        let texts: Vec<_> = newest.iter().map(|m| m.content.as_str()).collect();
+        assert_eq!(texts, ["a2", "u2", "a1"]);
+        let chats = s.list_chats(10).unwrap();
+        assert_eq!(chats.len(), 1);
+        assert_eq!(chats[0].message_count, 4);
+    }
+
+    #[test]
+    fn pages_go_backwards_with_has_more() {
+        let (_d, mut s) = temp_store();
+        for i in 0..3 {
+            s.append_exchange(&exchange("c", &format!("u{i}"), &format!("a{i}"), None)).unwrap();
+        }
+        let page = s.page("c", 4, None).unwrap().unwrap();
+        let texts: Vec<_> = page.messages.iter().map(|m| m.content.as_str()).collect();
+        assert_eq!(texts, ["u1", "a1", "u2", "a2"]);
+        assert!(page.has_more);
+        let older = s.page("c", 4, Some(page.messages[0].id)).unwrap().unwrap();
+        let texts: Vec<_> = older.messages.iter().map(|m| m.content.as_str()).collect();
+        assert_eq!(texts, ["u0", "a0"]);
+        assert!(!older.has_more);
+        assert_eq!(s.page("nope", 4, None).unwrap(), None);
+    }
+
+    #[test]
+    fn idempotency_keys_are_per_chat() {
+        let (_d, mut s) = temp_store();
+        let id = s.append_exchange(&exchange("c", "u", "a", Some("k"))).unwrap();
+        let found = s.find_reply("c", "k").unwrap().unwrap();
+        assert_eq!((found.message_id, found.content.as_str(), found.usage), (id, "a", Some((3, 4))));
+        assert_eq!(s.find_reply("other", "k").unwrap(), None);
+    }
+
+    #[test]
+    fn list_is_most_recent_first_and_delete_removes_everything() {
+        let (_d, mut s) = temp_store();
+        s.append_exchange(&exchange("a", "u", "r", None)).unwrap();
+        s.append_exchange(&exchange("b", "u", "r", None)).unwrap();
+        s.append_exchange(&exchange("a", "u", "r", Some("k"))).unwrap();
+        let ids: Vec<_> = s.list_chats(10).unwrap().into_iter().map(|c| c.chat_id).collect();
+        assert_eq!(ids, ["a", "b"]);
+        assert!(s.delete_chat("a").unwrap());
+        assert!(!s.delete_chat("a").unwrap());
+        assert!(s.newest_messages("a", 10).unwrap().is_empty());
+        assert_eq!(s.find_reply("a", "k").unwrap(), None);
+        assert_eq!(s.list_chats(10).unwrap().len(), 1);
+    }
+}
