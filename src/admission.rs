@@ -69,7 +69,10 @@ impl Admission {
         if let Some(chat) = chat {
             shared.busy_chats.lock().insert(chat.to_string());
         }
-        Ok(Ticket { shared: Arc::clone(shared), chat: chat.map(str::to_string) })
+        Ok(Ticket {
+            shared: Arc::clone(shared),
+            chat: chat.map(str::to_string),
+        })
     }
 
     /// Requests admitted and not yet finished.

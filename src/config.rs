@@ -226,7 +226,10 @@ impl Config {
             );
         }
         if s.queue_capacity > MAX_QUEUE {
-            return bad("server.queue_capacity", &format!("must be at most {MAX_QUEUE}"));
+            return bad(
+                "server.queue_capacity",
+                &format!("must be at most {MAX_QUEUE}"),
+            );
         }
         if s.max_body_bytes == 0 {
             return bad("server.max_body_bytes", "must be at least 1");
@@ -247,13 +250,17 @@ impl Config {
             return bad("llm.base_url", "must start with http:// or https://");
         }
         if l.connect_timeout_ms == 0 || l.request_timeout_ms == 0 {
-            return bad("llm", "connect_timeout_ms and request_timeout_ms must be at least 1");
+            return bad(
+                "llm",
+                "connect_timeout_ms and request_timeout_ms must be at least 1",
+            );
         }
         if l.max_retries > 10 {
             return bad("llm.max_retries", "must be at most 10");
         }
         for (i, entry) in self.auth.tokens.iter().enumerate() {
-            let hex = entry.sha256.len() == 64 && entry.sha256.bytes().all(|b| b.is_ascii_hexdigit());
+            let hex =
+                entry.sha256.len() == 64 && entry.sha256.bytes().all(|b| b.is_ascii_hexdigit());
             if !hex {
                 return bad(&format!("auth.tokens[{i}].sha256"), "must be 64 hex digits");
             }
@@ -271,7 +278,11 @@ impl Config {
             .to_socket_addrs()
             .ok()
             .and_then(|mut addrs| addrs.next())
-            .ok_or_else(|| ConfigError(format!("server.listen: `{listen}` is not a host:port address")))
+            .ok_or_else(|| {
+                ConfigError(format!(
+                    "server.listen: `{listen}` is not a host:port address"
+                ))
+            })
     }
 }
 
@@ -331,9 +342,11 @@ mod tests {
         assert!(err.0.starts_with("server.max_concurrent_requests"), "{err}");
         let err = Config::parse("[server]\nlisten = \"nowhere\"\n").unwrap_err();
         assert!(err.0.starts_with("server.listen"), "{err}");
-        let err = Config::parse("[llm]\nprovider = \"openai\"\nbase_url = \"ftp://x\"\n").unwrap_err();
+        let err =
+            Config::parse("[llm]\nprovider = \"openai\"\nbase_url = \"ftp://x\"\n").unwrap_err();
         assert!(err.0.starts_with("llm.base_url"), "{err}");
-        let err = Config::parse("[auth]\ntokens = [{ tenant = \"a\", sha256 = \"zz\" }]\n").unwrap_err();
+        let err =
+            Config::parse("[auth]\ntokens = [{ tenant = \"a\", sha256 = \"zz\" }]\n").unwrap_err();
         assert!(err.0.starts_with("auth.tokens[0].sha256"), "{err}");
     }
 }

@@ -85,7 +85,9 @@ fn serve(config_path: Option<&Path>, listen: Option<String>, workers: Option<usi
     let (workers, queue, db, provider, model) = summary;
     let addr = server.addr();
     if !addr.ip().is_loopback() {
-        log::warn!("listening beyond loopback on {addr} with auth off: anyone who can reach it can use it");
+        log::warn!(
+            "listening beyond loopback on {addr} with auth off: anyone who can reach it can use it"
+        );
     }
     log::info!(
         "chatpool {} listening on http://{addr} with {workers} workers, queue {queue}, database {db}, llm {provider} ({model})",

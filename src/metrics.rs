@@ -5,7 +5,8 @@
 //! rather than looked up by label on every request.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 /// The stages of a request, in the order they happen, as `timings_ms` and the histogram name them.
@@ -13,8 +14,8 @@ pub const STAGES: [&str; 5] = ["queued", "history", "llm", "store", "total"];
 
 /// Bucket bounds in seconds: sub-millisecond storage up to multi-minute LLM calls.
 const BUCKETS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-    10.0, 30.0, 60.0, 120.0,
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 
 /// Every metric chatpool exports.
@@ -40,35 +41,58 @@ impl Metrics {
     pub fn new(workers: usize, queue_capacity: usize) -> Metrics {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("chatpool_requests_total", "Requests answered, by route and status."),
+            Opts::new(
+                "chatpool_requests_total",
+                "Requests answered, by route and status.",
+            ),
             &["route", "status"],
         )
         .expect("valid metric");
         let durations = HistogramVec::new(
-            HistogramOpts::new("chatpool_request_duration_seconds", "Time spent per request stage.")
-                .buckets(BUCKETS.to_vec()),
+            HistogramOpts::new(
+                "chatpool_request_duration_seconds",
+                "Time spent per request stage.",
+            )
+            .buckets(BUCKETS.to_vec()),
             &["stage"],
         )
         .expect("valid metric");
-        let stages = STAGES.iter().map(|s| durations.with_label_values(&[s])).collect();
+        let stages = STAGES
+            .iter()
+            .map(|s| durations.with_label_values(&[s]))
+            .collect();
         let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid metric");
         let workers_gauge = gauge("chatpool_workers", "Worker threads.");
         let workers_busy = gauge("chatpool_workers_busy", "Workers handling a request.");
-        let queue_depth = gauge("chatpool_queue_depth", "Admitted requests waiting for a worker.");
-        let queue_capacity_gauge = gauge("chatpool_queue_capacity", "Requests that may wait for a worker.");
+        let queue_depth = gauge(
+            "chatpool_queue_depth",
+            "Admitted requests waiting for a worker.",
+        );
+        let queue_capacity_gauge = gauge(
+            "chatpool_queue_capacity",
+            "Requests that may wait for a worker.",
+        );
         let rejected = IntCounterVec::new(
-            Opts::new("chatpool_rejected_total", "Requests refused before reaching a worker, by reason."),
+            Opts::new(
+                "chatpool_rejected_total",
+                "Requests refused before reaching a worker, by reason.",
+            ),
             &["reason"],
         )
         .expect("valid metric");
         let upstream = IntCounterVec::new(
-            Opts::new("chatpool_upstream_requests_total", "Calls to the LLM, by outcome."),
+            Opts::new(
+                "chatpool_upstream_requests_total",
+                "Calls to the LLM, by outcome.",
+            ),
             &["outcome"],
         )
         .expect("valid metric");
-        let upstream_retries =
-            prometheus::IntCounter::new("chatpool_upstream_retries_total", "Retried calls to the LLM.")
-                .expect("valid metric");
+        let upstream_retries = prometheus::IntCounter::new(
+            "chatpool_upstream_retries_total",
+            "Retried calls to the LLM.",
+        )
+        .expect("valid metric");
         workers_gauge.set(workers as i64);
         queue_capacity_gauge.set(queue_capacity as i64);
         for collector in [
@@ -82,7 +106,9 @@ impl Metrics {
             Box::new(upstream.clone()),
             Box::new(upstream_retries.clone()),
         ] {
-            registry.register(collector).expect("metric names are unique");
+            registry
+                .register(collector)
+                .expect("metric names are unique");
         }
         Metrics {
             registry,
@@ -100,7 +126,9 @@ impl Metrics {
 
     /// Counts one answered request.
     pub fn request(&self, route: &str, status: u16) {
-        self.requests.with_label_values(&[route, &status.to_string()]).inc();
+        self.requests
+            .with_label_values(&[route, &status.to_string()])
+            .inc();
     }
 
     /// Records one stage's duration; `stage` indexes [`STAGES`].

@@ -62,13 +62,20 @@ pub fn run(options: MockOptions) -> Result<(), String> {
         let handle = thread::Builder::new()
             .name(format!("mock-http-{i}"))
             .spawn(move || loop {
-                let Ok(mut request) = server.recv() else { continue };
+                let Ok(mut request) = server.recv() else {
+                    continue;
+                };
                 let response = answer(&mut request, &options);
-                let delay = Duration::from_millis(options.latency_ms + fastrand::u64(..=options.jitter_ms));
+                let delay =
+                    Duration::from_millis(options.latency_ms + fastrand::u64(..=options.jitter_ms));
                 if delay.is_zero() {
                     let _ = request.respond(response);
                 } else {
-                    let _ = delayed_tx.send(Delayed { due: Instant::now() + delay, request, response });
+                    let _ = delayed_tx.send(Delayed {
+                        due: Instant::now() + delay,
+                        request,
+                        response,
+                    });
                 }
             })
             .map_err(|e| e.to_string())?;
@@ -93,7 +100,12 @@ fn answer(request: &mut tiny_http::Request, options: &MockOptions) -> Response {
     match (request.method(), url.as_str()) {
         (tiny_http::Method::Post, "/v1/chat/completions") => {
             let mut body = Vec::new();
-            if request.as_reader().take(16 << 20).read_to_end(&mut body).is_err() {
+            if request
+                .as_reader()
+                .take(16 << 20)
+                .read_to_end(&mut body)
+                .is_err()
+            {
                 return error(400, "could not read the body");
             }
             let parsed: CompletionBody = match serde_json::from_slice(&body) {
@@ -105,7 +117,10 @@ fn answer(request: &mut tiny_http::Request, options: &MockOptions) -> Response {
             }
             let model = parsed.model.unwrap_or_else(|| "mock".into());
             let completion = mock::reply(&parsed.messages, &model, options.reply_words);
-            let created = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
+            let created = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
             json(
                 200,
                 &json!({
@@ -129,7 +144,8 @@ fn answer(request: &mut tiny_http::Request, options: &MockOptions) -> Response {
 
 fn json(status: u16, body: &serde_json::Value) -> Response {
     let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..]);
-    let response = tiny_http::Response::from_data(serde_json::to_vec(body).unwrap_or_default()).with_status_code(status);
+    let response = tiny_http::Response::from_data(serde_json::to_vec(body).unwrap_or_default())
+        .with_status_code(status);
     match header {
         Ok(h) => response.with_header(h),
         Err(()) => response,
@@ -137,7 +153,10 @@ fn json(status: u16, body: &serde_json::Value) -> Response {
 }
 
 fn error(status: u16, message: &str) -> Response {
-    json(status, &json!({"error": {"message": message, "type": "invalid_request_error"}}))
+    json(
+        status,
+        &json!({"error": {"message": message, "type": "invalid_request_error"}}),
+    )
 }
 
 /// An answer waiting for its time.
@@ -182,7 +201,10 @@ fn timer(incoming: Receiver<Delayed>) {
         }
         let now = Instant::now();
         while waiting.peek().is_some_and(|d| d.due <= now) {
-            if let Some(Delayed { request, response, .. }) = waiting.pop() {
+            if let Some(Delayed {
+                request, response, ..
+            }) = waiting.pop()
+            {
                 let _ = request.respond(response);
             }
         }

@@ -73,7 +73,9 @@ mod tests {
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
         let worker = move |n: u32| {
             assert!(n != 0, "job 0 panics on purpose");
-            done_tx.send((n, thread::current().name().map(str::to_string))).unwrap();
+            done_tx
+                .send((n, thread::current().name().map(str::to_string)))
+                .unwrap();
         };
         let pool = Pool::start(rx, vec![worker]).unwrap();
         tx.send(0).unwrap();
@@ -94,7 +96,10 @@ mod tests {
         let pool = Pool::start(rx, vec![worker]).unwrap();
         tx.send(()).unwrap();
         drop(tx);
-        assert!(!Pool::join_until(pool, Instant::now() + Duration::from_millis(50)));
+        assert!(!Pool::join_until(
+            pool,
+            Instant::now() + Duration::from_millis(50)
+        ));
         drop(release_tx);
     }
 }

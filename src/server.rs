@@ -94,10 +94,11 @@ impl Server {
             .collect::<Result<Vec<_>, _>>()
             .map_err(StartError::Store)?;
 
-        let http = tiny_http::Server::http(&config.server.listen).map_err(|e| StartError::Bind {
-            addr: config.server.listen.clone(),
-            reason: e.to_string(),
-        })?;
+        let http =
+            tiny_http::Server::http(&config.server.listen).map_err(|e| StartError::Bind {
+                addr: config.server.listen.clone(),
+                reason: e.to_string(),
+            })?;
         let addr = http.server_addr().to_ip().ok_or_else(|| StartError::Bind {
             addr: config.server.listen.clone(),
             reason: "not an IP address".into(),
@@ -116,7 +117,12 @@ impl Server {
         let handlers: Vec<_> = stores
             .into_iter()
             .map(|store| {
-                let mut handler = api::Handler::new(store, llm.clone(), Arc::clone(&config), Arc::clone(&metrics));
+                let mut handler = api::Handler::new(
+                    store,
+                    llm.clone(),
+                    Arc::clone(&config),
+                    Arc::clone(&metrics),
+                );
                 move |job: Job| handler.run(job)
             })
             .collect();
@@ -126,7 +132,10 @@ impl Server {
         let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(limit);
         let pool = Pool::start(jobs_rx.clone(), handlers).map_err(StartError::Thread)?;
 
-        let control = Arc::new(Control { draining: AtomicBool::new(false), stopping: AtomicBool::new(false) });
+        let control = Arc::new(Control {
+            draining: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+        });
         let acceptor = Acceptor {
             http: Arc::clone(&http),
             jobs: Some(jobs_tx),
@@ -189,7 +198,10 @@ impl Acceptor {
     fn run(mut self) {
         loop {
             if self.control.draining.load(Ordering::SeqCst) && self.jobs.take().is_some() {
-                log::info!("draining: no new requests are admitted; {} in flight", self.admission.in_flight());
+                log::info!(
+                    "draining: no new requests are admitted; {} in flight",
+                    self.admission.in_flight()
+                );
             }
             match self.http.recv() {
                 Ok(request) => self.dispatch(request),
@@ -246,7 +258,13 @@ impl Acceptor {
             Err(Refusal::Full) => return Err(Box::new((request, ApiError::Overloaded))),
             Err(Refusal::ChatBusy) => return Err(Box::new((request, ApiError::ChatBusy))),
         };
-        let job = Job { request, route, request_id: request_id.to_string(), received, ticket };
+        let job = Job {
+            request,
+            route,
+            request_id: request_id.to_string(),
+            received,
+            ticket,
+        };
         match jobs.try_send(job) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
@@ -255,7 +273,14 @@ impl Acceptor {
         }
     }
 
-    fn reject(&self, request: tiny_http::Request, route: &str, error: &ApiError, request_id: &str, received: Instant) {
+    fn reject(
+        &self,
+        request: tiny_http::Request,
+        route: &str,
+        error: &ApiError,
+        request_id: &str,
+        received: Instant,
+    ) {
         let (status, kind) = error.status_and_type();
         if status == 503 || status == 409 {
             self.metrics.rejected(kind);
@@ -263,7 +288,13 @@ impl Acceptor {
         let (method, url) = (request.method().to_string(), request.url().to_string());
         api::respond(request, api::error_response(error, request_id), request_id);
         self.metrics.request(route, status);
-        api::log_request(&method, &url, status, received.elapsed().as_secs_f64() * 1e3, request_id);
+        api::log_request(
+            &method,
+            &url,
+            status,
+            received.elapsed().as_secs_f64() * 1e3,
+            request_id,
+        );
     }
 
     fn ops(&mut self, ops: Ops) -> api::HttpResponse {

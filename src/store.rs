@@ -183,7 +183,9 @@ impl Store {
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
-        let version: usize = self.conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        let version: usize = self
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))?;
         if version > MIGRATIONS.len() {
             return Err(StoreError::Schema(format!(
                 "the database has schema version {version}, newer than this chatpool knows ({}); \
@@ -192,11 +194,11 @@ impl Store {
             )));
         }
         if version == 0 {
-            let tables: i64 =
-                self.conn
-                    .query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table'", [], |r| {
-                        r.get(0)
-                    })?;
+            let tables: i64 = self.conn.query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table'",
+                [],
+                |r| r.get(0),
+            )?;
             if tables > 0 {
                 return Err(StoreError::Schema(
                     "the file holds tables but is not a chatpool database; refusing to touch it"
@@ -219,7 +221,11 @@ impl Store {
     }
 
     /// The `limit` newest messages of a chat, newest first; reads no more rows than that.
-    pub fn newest_messages(&mut self, chat_id: &str, limit: usize) -> Result<Vec<Message>, StoreError> {
+    pub fn newest_messages(
+        &mut self,
+        chat_id: &str,
+        limit: usize,
+    ) -> Result<Vec<Message>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT id, role, content, created_at FROM messages
              WHERE chat_id = ?1 ORDER BY id DESC LIMIT ?2",
@@ -229,7 +235,11 @@ impl Store {
     }
 
     /// The reply stored earlier under this idempotency key in this chat, if any.
-    pub fn find_reply(&mut self, chat_id: &str, key: &str) -> Result<Option<StoredReply>, StoreError> {
+    pub fn find_reply(
+        &mut self,
+        chat_id: &str,
+        key: &str,
+    ) -> Result<Option<StoredReply>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT id, content, model, prompt_tokens, completion_tokens FROM messages
              WHERE chat_id = ?1 AND idempotency_key = ?2",
@@ -265,7 +275,15 @@ impl Store {
                 None => (None, None),
             };
             let none: Option<&str> = None;
-            insert.execute(params![exchange.chat_id, "user", exchange.user, none, None::<i64>, None::<i64>, none])?;
+            insert.execute(params![
+                exchange.chat_id,
+                "user",
+                exchange.user,
+                none,
+                None::<i64>,
+                None::<i64>,
+                none
+            ])?;
             insert.execute(params![
                 exchange.chat_id,
                 "assistant",
@@ -290,7 +308,12 @@ impl Store {
 
     /// Up to `limit` messages older than `before` (or the newest), oldest first; `None` when the
     /// chat does not exist.
-    pub fn page(&mut self, chat_id: &str, limit: usize, before: Option<i64>) -> Result<Option<Page>, StoreError> {
+    pub fn page(
+        &mut self,
+        chat_id: &str,
+        limit: usize,
+        before: Option<i64>,
+    ) -> Result<Option<Page>, StoreError> {
         let tx = self.conn.transaction()?;
         let exists = tx
             .prepare_cached("SELECT 1 FROM chats WHERE chat_id = ?1")?
@@ -378,8 +401,20 @@ mod tests {
         (dir, store)
     }
 
-    fn exchange<'a>(chat: &'a str, user: &'a str, reply: &'a str, key: Option<&'a str>) -> Exchange<'a> {
-        Exchange { chat_id: chat, user, reply, model: "m", usage: Some((3, 4)), idempotency_key: key }
+    fn exchange<'a>(
+        chat: &'a str,
+        user: &'a str,
+        reply: &'a str,
+        key: Option<&'a str>,
+    ) -> Exchange<'a> {
+        Exchange {
+            chat_id: chat,
+            user,
+            reply,
+            model: "m",
+            usage: Some((3, 4)),
+            idempotency_key: key,
+        }
     }
 
     #[test]
@@ -387,7 +422,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
         let mut s = Store::open_and_migrate(&path, Synchronous::Normal).unwrap();
-        s.append_exchange(&exchange("c", "hi", "hello", None)).unwrap();
+        s.append_exchange(&exchange("c", "hi", "hello", None))
+            .unwrap();
         drop(s);
         let mut s = Store::open_and_migrate(&path, Synchronous::Full).unwrap();
         assert_eq!(s.newest_messages("c", 10).unwrap().len(), 2);
@@ -397,12 +433,22 @@ mod tests {
     fn refuses_a_newer_or_foreign_database() {
         let dir = tempfile::tempdir().unwrap();
         let newer = dir.path().join("newer.db");
-        Connection::open(&newer).unwrap().execute_batch("PRAGMA user_version = 99").unwrap();
-        let err = Store::open_and_migrate(&newer, Synchronous::Normal).err().unwrap();
+        Connection::open(&newer)
+            .unwrap()
+            .execute_batch("PRAGMA user_version = 99")
+            .unwrap();
+        let err = Store::open_and_migrate(&newer, Synchronous::Normal)
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("newer"), "{err}");
         let foreign = dir.path().join("foreign.db");
-        Connection::open(&foreign).unwrap().execute_batch("CREATE TABLE t(x)").unwrap();
-        let err = Store::open_and_migrate(&foreign, Synchronous::Normal).err().unwrap();
+        Connection::open(&foreign)
+            .unwrap()
+            .execute_batch("CREATE TABLE t(x)")
+            .unwrap();
+        let err = Store::open_and_migrate(&foreign, Synchronous::Normal)
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("not a chatpool database"), "{err}");
     }
 
@@ -424,7 +470,8 @@ mod tests {
     fn pages_go_backwards_with_has_more() {
         let (_d, mut s) = temp_store();
         for i in 0..3 {
-            s.append_exchange(&exchange("c", &format!("u{i}"), &format!("a{i}"), None)).unwrap();
+            s.append_exchange(&exchange("c", &format!("u{i}"), &format!("a{i}"), None))
+                .unwrap();
         }
         let page = s.page("c", 4, None).unwrap().unwrap();
         let texts: Vec<_> = page.messages.iter().map(|m| m.content.as_str()).collect();
@@ -440,9 +487,14 @@ mod tests {
     #[test]
     fn idempotency_keys_are_per_chat() {
         let (_d, mut s) = temp_store();
-        let id = s.append_exchange(&exchange("c", "u", "a", Some("k"))).unwrap();
+        let id = s
+            .append_exchange(&exchange("c", "u", "a", Some("k")))
+            .unwrap();
         let found = s.find_reply("c", "k").unwrap().unwrap();
-        assert_eq!((found.message_id, found.content.as_str(), found.usage), (id, "a", Some((3, 4))));
+        assert_eq!(
+            (found.message_id, found.content.as_str(), found.usage),
+            (id, "a", Some((3, 4)))
+        );
         assert_eq!(s.find_reply("other", "k").unwrap(), None);
     }
 
@@ -451,8 +503,14 @@ mod tests {
         let (_d, mut s) = temp_store();
         s.append_exchange(&exchange("a", "u", "r", None)).unwrap();
         s.append_exchange(&exchange("b", "u", "r", None)).unwrap();
-        s.append_exchange(&exchange("a", "u", "r", Some("k"))).unwrap();
-        let ids: Vec<_> = s.list_chats(10).unwrap().into_iter().map(|c| c.chat_id).collect();
+        s.append_exchange(&exchange("a", "u", "r", Some("k")))
+            .unwrap();
+        let ids: Vec<_> = s
+            .list_chats(10)
+            .unwrap()
+            .into_iter()
+            .map(|c| c.chat_id)
+            .collect();
         assert_eq!(ids, ["a", "b"]);
         assert!(s.delete_chat("a").unwrap());
         assert!(!s.delete_chat("a").unwrap());

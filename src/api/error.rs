@@ -68,7 +68,10 @@ impl ApiError {
 
     /// Whether the fault is on the server's side and belongs in the log at warn or above.
     pub fn is_server_fault(&self) -> bool {
-        matches!(self, ApiError::Upstream(_) | ApiError::Store(_) | ApiError::Internal(_))
+        matches!(
+            self,
+            ApiError::Upstream(_) | ApiError::Store(_) | ApiError::Internal(_)
+        )
     }
 
     /// The JSON body: `{"error": {"type", "message", "request_id"}}`.
@@ -129,10 +132,16 @@ mod tests {
 
     #[test]
     fn upstream_errors_map_to_502_or_504_and_name_the_status() {
-        let e = ApiError::from(UpstreamError::Status { status: 500, detail: "boom".into(), attempts: 3 });
+        let e = ApiError::from(UpstreamError::Status {
+            status: 500,
+            detail: "boom".into(),
+            attempts: 3,
+        });
         assert_eq!(e.status_and_type(), (502, "upstream_error"));
         assert!(e.to_string().contains("HTTP 500"), "{e}");
-        let e = ApiError::from(UpstreamError::Timeout { after: Duration::from_secs(2) });
+        let e = ApiError::from(UpstreamError::Timeout {
+            after: Duration::from_secs(2),
+        });
         assert_eq!(e.status_and_type(), (504, "upstream_timeout"));
     }
 
@@ -150,6 +159,9 @@ mod tests {
     fn shedding_errors_carry_retry_after() {
         assert_eq!(ApiError::Overloaded.headers(), [("Retry-After", "1")]);
         assert_eq!(ApiError::ChatBusy.status_and_type(), (409, "chat_busy"));
-        assert_eq!(ApiError::MethodNotAllowed { allow: "GET" }.headers(), [("Allow", "GET")]);
+        assert_eq!(
+            ApiError::MethodNotAllowed { allow: "GET" }.headers(),
+            [("Allow", "GET")]
+        );
     }
 }

@@ -67,16 +67,40 @@ impl Timings {
 
 impl Handler {
     /// A handler owning one connection and one client.
-    pub fn new(store: Store, llm: LlmClient, config: Arc<Config>, metrics: Arc<Metrics>) -> Handler {
-        Handler { store, llm, config, metrics }
+    pub fn new(
+        store: Store,
+        llm: LlmClient,
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+    ) -> Handler {
+        Handler {
+            store,
+            llm,
+            config,
+            metrics,
+        }
     }
 
     /// Serves one job to the end: handle, respond, count, log.
     pub fn run(&mut self, job: Job) {
-        let Job { mut request, route, request_id, received, ticket } = job;
+        let Job {
+            mut request,
+            route,
+            request_id,
+            received,
+            ticket,
+        } = job;
         self.metrics.workers_busy.inc();
-        let mut timings = Timings { received, queued: received.elapsed(), history: None, llm: None, store: None };
-        let outcome = catch_unwind(AssertUnwindSafe(|| self.handle(&mut request, &route, &mut timings)));
+        let mut timings = Timings {
+            received,
+            queued: received.elapsed(),
+            history: None,
+            llm: None,
+            store: None,
+        };
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            self.handle(&mut request, &route, &mut timings)
+        }));
         let response = match outcome {
             Ok(Ok(response)) => response,
             Ok(Err(error)) => {
@@ -86,7 +110,10 @@ impl Handler {
                 error_response(&error, &request_id)
             }
             Err(_) => {
-                log::error!("request_id={request_id} {} panicked; answered 500", route.name());
+                log::error!(
+                    "request_id={request_id} {} panicked; answered 500",
+                    route.name()
+                );
                 error_response(&ApiError::Internal("handler panicked".into()), &request_id)
             }
         };
@@ -96,13 +123,25 @@ impl Handler {
         respond(request, response, &request_id);
         let total = received.elapsed();
         self.metrics.request(route.name(), status);
-        let stages = [Some(timings.queued), timings.history, timings.llm, timings.store, Some(total)];
+        let stages = [
+            Some(timings.queued),
+            timings.history,
+            timings.llm,
+            timings.store,
+            Some(total),
+        ];
         for (index, stage) in stages.into_iter().enumerate() {
             if let Some(d) = stage {
                 self.metrics.observe_stage(index, d.as_secs_f64());
             }
         }
-        log_request(&method, &url, status, total.as_secs_f64() * 1e3, &request_id);
+        log_request(
+            &method,
+            &url,
+            status,
+            total.as_secs_f64() * 1e3,
+            &request_id,
+        );
         self.metrics.workers_busy.dec();
     }
 
@@ -114,7 +153,11 @@ impl Handler {
     ) -> Result<HttpResponse, ApiError> {
         match route {
             Route::PostMessage { chat_id } => self.post_message(request, chat_id, timings),
-            Route::GetMessages { chat_id, limit, before } => {
+            Route::GetMessages {
+                chat_id,
+                limit,
+                before,
+            } => {
                 let page = self
                     .store
                     .page(chat_id, *limit, *before)?
@@ -124,7 +167,10 @@ impl Handler {
                     .iter()
                     .map(|m| json!({"id": m.id, "role": m.role, "content": m.content, "created_at": m.created_at}))
                     .collect();
-                Ok(json_response(200, &json!({"chat_id": chat_id, "messages": messages, "has_more": page.has_more})))
+                Ok(json_response(
+                    200,
+                    &json!({"chat_id": chat_id, "messages": messages, "has_more": page.has_more}),
+                ))
             }
             Route::ListChats { limit } => {
                 let chats: Vec<_> = self
@@ -182,7 +228,9 @@ impl Handler {
         let completion = completion?;
 
         let started = Instant::now();
-        let usage = completion.usage.map(|u| (u.prompt_tokens, u.completion_tokens));
+        let usage = completion
+            .usage
+            .map(|u| (u.prompt_tokens, u.completion_tokens));
         let message_id = self.store.append_exchange(&Exchange {
             chat_id,
             user: &message.content,
@@ -192,7 +240,12 @@ impl Handler {
             idempotency_key: key.as_deref(),
         })?;
         timings.store = Some(started.elapsed());
-        let stored = StoredReply { message_id, content: completion.content, model: completion.model, usage };
+        let stored = StoredReply {
+            message_id,
+            content: completion.content,
+            model: completion.model,
+            usage,
+        };
         Ok(reply_response(chat_id, stored, timings))
     }
 }

@@ -21,7 +21,11 @@ pub type HttpResponse = tiny_http::Response<Cursor<Vec<u8>>>;
 /// A JSON response.
 pub fn json_response(status: u16, body: &serde_json::Value) -> HttpResponse {
     let bytes = serde_json::to_vec(body).unwrap_or_default();
-    with_header(tiny_http::Response::from_data(bytes).with_status_code(status), "Content-Type", "application/json")
+    // The length is known, so say it rather than let tiny_http chunk large bodies.
+    let response = tiny_http::Response::from_data(bytes)
+        .with_status_code(status)
+        .with_chunked_threshold(usize::MAX);
+    with_header(response, "Content-Type", "application/json")
 }
 
 /// The contract's error response for `error`.

@@ -33,7 +33,11 @@ pub fn read_body(reader: &mut dyn Read, limit: usize) -> Result<Vec<u8>, ApiErro
 /// Parses and validates a send-message body.
 pub fn parse_send_message(body: &[u8]) -> Result<SendMessage, ApiError> {
     let object = json_object(body)?;
-    let mut message = SendMessage { content: String::new(), stream: false, sampling: Sampling::default() };
+    let mut message = SendMessage {
+        content: String::new(),
+        stream: false,
+        sampling: Sampling::default(),
+    };
     let mut content = None;
     for (key, value) in &object {
         match key.as_str() {
@@ -58,7 +62,11 @@ pub fn parse_send_message(body: &[u8]) -> Result<SendMessage, ApiError> {
                 Value::Null => {}
                 v => match v.as_u64().filter(|n| (1..=1_000_000).contains(n)) {
                     Some(n) => message.sampling.max_tokens = Some(n),
-                    None => return Err(invalid("max_tokens must be a whole number from 1 to 1000000")),
+                    None => {
+                        return Err(invalid(
+                            "max_tokens must be a whole number from 1 to 1000000",
+                        ))
+                    }
                 },
             },
             other => {
@@ -83,7 +91,9 @@ fn json_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, ApiError> 
     match serde_json::from_str(text) {
         Ok(Value::Object(object)) => Ok(object),
         Ok(_) => Err(invalid("the request body must be a JSON object")),
-        Err(e) => Err(ApiError::InvalidJson(format!("the request body is not valid JSON: {e}"))),
+        Err(e) => Err(ApiError::InvalidJson(format!(
+            "the request body is not valid JSON: {e}"
+        ))),
     }
 }
 
@@ -102,7 +112,9 @@ pub fn idempotency_key(value: Option<&str>) -> Result<Option<String>, ApiError> 
     match value {
         None => Ok(None),
         Some(key) if is_sane_token(key) => Ok(Some(key.to_string())),
-        Some(_) => Err(invalid("Idempotency-Key must be 1 to 128 visible ASCII characters")),
+        Some(_) => Err(invalid(
+            "Idempotency-Key must be 1 to 128 visible ASCII characters",
+        )),
     }
 }
 
@@ -118,9 +130,18 @@ mod tests {
 
     #[test]
     fn accepts_a_full_body() {
-        let m = parse_send_message(br#"{"content":"hi","stream":false,"temperature":0.5,"max_tokens":9}"#).unwrap();
+        let m = parse_send_message(
+            br#"{"content":"hi","stream":false,"temperature":0.5,"max_tokens":9}"#,
+        )
+        .unwrap();
         assert_eq!(m.content, "hi");
-        assert_eq!(m.sampling, Sampling { temperature: Some(0.5), max_tokens: Some(9) });
+        assert_eq!(
+            m.sampling,
+            Sampling {
+                temperature: Some(0.5),
+                max_tokens: Some(9)
+            }
+        );
         assert!(!m.stream);
     }
 
@@ -159,12 +180,18 @@ mod tests {
         let mut exact: &[u8] = &[b'x'; 10];
         assert_eq!(read_body(&mut exact, 10).unwrap().len(), 10);
         let mut over: &[u8] = &[b'x'; 11];
-        assert_eq!(read_body(&mut over, 10).unwrap_err().status_and_type(), (413, "payload_too_large"));
+        assert_eq!(
+            read_body(&mut over, 10).unwrap_err().status_and_type(),
+            (413, "payload_too_large")
+        );
     }
 
     #[test]
     fn idempotency_keys_are_checked() {
-        assert_eq!(idempotency_key(Some("k-1")).unwrap().as_deref(), Some("k-1"));
+        assert_eq!(
+            idempotency_key(Some("k-1")).unwrap().as_deref(),
+            Some("k-1")
+        );
         assert_eq!(idempotency_key(None).unwrap(), None);
         assert!(idempotency_key(Some("")).is_err());
         assert!(idempotency_key(Some("has space")).is_err());

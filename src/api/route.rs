@@ -119,14 +119,22 @@ pub fn route(method: &Method, url: &str) -> Result<Target, ApiError> {
         }
         ["v1", "chats", id] => {
             only("DELETE", *method == Method::Delete)?;
-            Target::Api(Route::DeleteChat { chat_id: chat_id(id)? })
+            Target::Api(Route::DeleteChat {
+                chat_id: chat_id(id)?,
+            })
         }
         ["v1", "chats", id, "messages"] => match method {
-            Method::Post => Target::Api(Route::PostMessage { chat_id: chat_id(id)? }),
+            Method::Post => Target::Api(Route::PostMessage {
+                chat_id: chat_id(id)?,
+            }),
             Method::Get => {
                 let chat_id = chat_id(id)?;
                 let q = Query::parse(query)?;
-                Target::Api(Route::GetMessages { chat_id, limit: q.limit, before: q.before })
+                Target::Api(Route::GetMessages {
+                    chat_id,
+                    limit: q.limit,
+                    before: q.before,
+                })
             }
             _ => return Err(ApiError::MethodNotAllowed { allow: "GET, POST" }),
         },
@@ -138,7 +146,9 @@ pub fn route(method: &Method, url: &str) -> Result<Target, ApiError> {
 /// Whether `id` is 1 to 128 characters of `A-Z a-z 0-9 . _ -`.
 pub fn is_valid_chat_id(id: &str) -> bool {
     (1..=128).contains(&id.len())
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 fn chat_id(id: &str) -> Result<String, ApiError> {
@@ -158,7 +168,10 @@ struct Query {
 
 impl Query {
     fn parse(query: &str) -> Result<Query, ApiError> {
-        let mut q = Query { limit: DEFAULT_LIMIT, before: None };
+        let mut q = Query {
+            limit: DEFAULT_LIMIT,
+            before: None,
+        };
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
             match key {
@@ -168,13 +181,18 @@ impl Query {
                         .ok()
                         .filter(|n| (1..=MAX_LIMIT).contains(n))
                         .ok_or_else(|| {
-                            ApiError::InvalidRequest(format!("limit must be a whole number from 1 to {MAX_LIMIT}"))
+                            ApiError::InvalidRequest(format!(
+                                "limit must be a whole number from 1 to {MAX_LIMIT}"
+                            ))
                         })?;
                 }
                 "before" => {
-                    q.before = Some(value.parse().ok().filter(|n: &i64| *n > 0).ok_or_else(|| {
-                        ApiError::InvalidRequest("before must be a message id (a positive whole number)".into())
-                    })?);
+                    q.before =
+                        Some(value.parse().ok().filter(|n: &i64| *n > 0).ok_or_else(|| {
+                            ApiError::InvalidRequest(
+                                "before must be a message id (a positive whole number)".into(),
+                            )
+                        })?);
                 }
                 other => {
                     return Err(ApiError::InvalidRequest(format!(
@@ -204,35 +222,82 @@ mod tests {
 
     #[test]
     fn routes_every_endpoint() {
-        assert_eq!(route(&Method::Get, "/healthz").unwrap(), Target::Ops(Ops::Healthz));
-        assert_eq!(route(&Method::Get, "/metrics").unwrap(), Target::Ops(Ops::Metrics));
-        assert_eq!(api(Method::Post, "/v1/chats/c-1.x_y/messages"), Route::PostMessage { chat_id: "c-1.x_y".into() });
+        assert_eq!(
+            route(&Method::Get, "/healthz").unwrap(),
+            Target::Ops(Ops::Healthz)
+        );
+        assert_eq!(
+            route(&Method::Get, "/metrics").unwrap(),
+            Target::Ops(Ops::Metrics)
+        );
+        assert_eq!(
+            api(Method::Post, "/v1/chats/c-1.x_y/messages"),
+            Route::PostMessage {
+                chat_id: "c-1.x_y".into()
+            }
+        );
         assert_eq!(
             api(Method::Get, "/v1/chats/c1/messages?limit=2&before=9"),
-            Route::GetMessages { chat_id: "c1".into(), limit: 2, before: Some(9) }
+            Route::GetMessages {
+                chat_id: "c1".into(),
+                limit: 2,
+                before: Some(9)
+            }
         );
-        assert_eq!(api(Method::Get, "/v1/chats"), Route::ListChats { limit: 50 });
-        assert_eq!(api(Method::Delete, "/v1/chats/c1"), Route::DeleteChat { chat_id: "c1".into() });
+        assert_eq!(
+            api(Method::Get, "/v1/chats"),
+            Route::ListChats { limit: 50 }
+        );
+        assert_eq!(
+            api(Method::Delete, "/v1/chats/c1"),
+            Route::DeleteChat {
+                chat_id: "c1".into()
+            }
+        );
     }
 
     #[test]
     fn wrong_method_is_405_and_unknown_path_404() {
-        assert_eq!(err(Method::Put, "/v1/chats/c1/messages"), (405, "method_not_allowed"));
+        assert_eq!(
+            err(Method::Put, "/v1/chats/c1/messages"),
+            (405, "method_not_allowed")
+        );
         assert_eq!(err(Method::Post, "/healthz"), (405, "method_not_allowed"));
-        assert_eq!(err(Method::Get, "/v1/chats/c1"), (405, "method_not_allowed"));
+        assert_eq!(
+            err(Method::Get, "/v1/chats/c1"),
+            (405, "method_not_allowed")
+        );
         assert_eq!(err(Method::Get, "/v2/chats"), (404, "not_found"));
-        assert_eq!(err(Method::Get, "/v1/chats/c1/messages/"), (404, "not_found"));
+        assert_eq!(
+            err(Method::Get, "/v1/chats/c1/messages/"),
+            (404, "not_found")
+        );
         assert_eq!(err(Method::Get, "/"), (404, "not_found"));
     }
 
     #[test]
     fn bad_chat_ids_and_queries_are_400() {
         let long = format!("/v1/chats/{}/messages", "a".repeat(129));
-        for url in ["/v1/chats/a%20b/messages", "/v1/chats/a:b/messages", long.as_str()] {
+        for url in [
+            "/v1/chats/a%20b/messages",
+            "/v1/chats/a:b/messages",
+            long.as_str(),
+        ] {
             assert_eq!(err(Method::Post, url), (400, "invalid_request"), "{url}");
         }
-        for q in ["limit=0", "limit=501", "limit=x", "before=-1", "before=", "page=2"] {
-            assert_eq!(err(Method::Get, &format!("/v1/chats/c/messages?{q}")), (400, "invalid_request"), "{q}");
+        for q in [
+            "limit=0",
+            "limit=501",
+            "limit=x",
+            "before=-1",
+            "before=",
+            "page=2",
+        ] {
+            assert_eq!(
+                err(Method::Get, &format!("/v1/chats/c/messages?{q}")),
+                (400, "invalid_request"),
+                "{q}"
+            );
         }
         assert!(is_valid_chat_id(&"a".repeat(128)));
     }

@@ -20,7 +20,11 @@ pub fn reply(messages: &[ChatMessage], model: &str, extra_words: usize) -> Compl
     let prompt_chars: usize = messages.iter().map(|m| m.content.chars().count()).sum();
     let prompt_tokens = (prompt_chars / 4 + messages.len()) as u64;
     let completion_tokens = content.split_whitespace().count() as u64;
-    Completion { content, model: model.to_string(), usage: Some(Usage::new(prompt_tokens, completion_tokens)) }
+    Completion {
+        content,
+        model: model.to_string(),
+        usage: Some(Usage::new(prompt_tokens, completion_tokens)),
+    }
 }
 
 #[cfg(test)]

@@ -55,16 +55,34 @@ pub enum UpstreamError {
 
 impl fmt::Display for UpstreamError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let tries = |n: &u32| if *n == 1 { "1 attempt".to_string() } else { format!("{n} attempts") };
+        let tries = |n: &u32| {
+            if *n == 1 {
+                "1 attempt".to_string()
+            } else {
+                format!("{n} attempts")
+            }
+        };
         match self {
-            UpstreamError::Status { status, detail, attempts } => {
-                write!(f, "the LLM answered HTTP {status} after {}: {detail}", tries(attempts))
+            UpstreamError::Status {
+                status,
+                detail,
+                attempts,
+            } => {
+                write!(
+                    f,
+                    "the LLM answered HTTP {status} after {}: {detail}",
+                    tries(attempts)
+                )
             }
             UpstreamError::Timeout { after } => {
                 write!(f, "the LLM did not answer within {} ms", after.as_millis())
             }
             UpstreamError::Transport { detail, attempts } => {
-                write!(f, "could not reach the LLM after {}: {detail}", tries(attempts))
+                write!(
+                    f,
+                    "could not reach the LLM after {}: {detail}",
+                    tries(attempts)
+                )
             }
             UpstreamError::Malformed { detail } => f.write_str(detail),
         }
@@ -75,7 +93,11 @@ impl std::error::Error for UpstreamError {}
 
 /// The result of one attempt, before retry decisions.
 enum AttemptError {
-    Status { status: u16, detail: String, retry_after: Option<Duration> },
+    Status {
+        status: u16,
+        detail: String,
+        retry_after: Option<Duration>,
+    },
     Transport(String),
     Timeout,
     Malformed(String),
@@ -114,8 +136,14 @@ pub struct LlmClient {
 
 #[derive(Clone)]
 enum Backend {
-    Mock { latency: Duration },
-    OpenAi { agent: ureq::Agent, url: Arc<str>, authorization: Option<Arc<str>> },
+    Mock {
+        latency: Duration,
+    },
+    OpenAi {
+        agent: ureq::Agent,
+        url: Arc<str>,
+        authorization: Option<Arc<str>>,
+    },
 }
 
 impl LlmClient {
@@ -123,7 +151,9 @@ impl LlmClient {
     /// is read once, from the environment variable the config names.
     pub fn new(config: &LlmConfig, workers: usize, metrics: Arc<Metrics>) -> LlmClient {
         let backend = match config.provider {
-            Provider::Mock => Backend::Mock { latency: Duration::from_millis(config.mock_latency_ms) },
+            Provider::Mock => Backend::Mock {
+                latency: Duration::from_millis(config.mock_latency_ms),
+            },
             Provider::Openai => {
                 let agent = ureq::AgentBuilder::new()
                     .timeout_connect(Duration::from_millis(config.connect_timeout_ms))
@@ -131,10 +161,13 @@ impl LlmClient {
                     .max_idle_connections_per_host(workers.max(1))
                     .user_agent(concat!("chatpool/", env!("CARGO_PKG_VERSION")))
                     .build();
-                let key = std::env::var(&config.api_key_env).ok().filter(|k| !k.is_empty());
+                let key = std::env::var(&config.api_key_env)
+                    .ok()
+                    .filter(|k| !k.is_empty());
                 Backend::OpenAi {
                     agent,
-                    url: format!("{}/chat/completions", config.base_url.trim_end_matches('/')).into(),
+                    url: format!("{}/chat/completions", config.base_url.trim_end_matches('/'))
+                        .into(),
                     authorization: key.map(|k| format!("Bearer {k}").into()),
                 }
             }
@@ -150,7 +183,13 @@ impl LlmClient {
 
     /// Whether an API key was found, for the start-up log.
     pub fn has_key(&self) -> bool {
-        matches!(&self.backend, Backend::OpenAi { authorization: Some(_), .. })
+        matches!(
+            &self.backend,
+            Backend::OpenAi {
+                authorization: Some(_),
+                ..
+            }
+        )
     }
 
     /// The configured model name.
@@ -160,14 +199,22 @@ impl LlmClient {
 
     /// Asks the LLM for the next message of `messages`, retrying what is worth retrying within
     /// the deadline.
-    pub fn complete(&self, messages: &[ChatMessage], sampling: Sampling) -> Result<Completion, UpstreamError> {
+    pub fn complete(
+        &self,
+        messages: &[ChatMessage],
+        sampling: Sampling,
+    ) -> Result<Completion, UpstreamError> {
         let (agent, url, authorization) = match &self.backend {
             Backend::Mock { latency } => {
                 std::thread::sleep(*latency);
                 self.metrics.upstream_outcome("ok");
                 return Ok(mock::reply(messages, &self.model, 0));
             }
-            Backend::OpenAi { agent, url, authorization } => (agent, url, authorization.as_deref()),
+            Backend::OpenAi {
+                agent,
+                url,
+                authorization,
+            } => (agent, url, authorization.as_deref()),
         };
         let body = serde_json::to_vec(&CompletionRequest {
             model: &self.model,
@@ -175,7 +222,9 @@ impl LlmClient {
             temperature: sampling.temperature,
             max_tokens: sampling.max_tokens,
         })
-        .map_err(|e| UpstreamError::Malformed { detail: format!("cannot encode the request: {e}") })?;
+        .map_err(|e| UpstreamError::Malformed {
+            detail: format!("cannot encode the request: {e}"),
+        })?;
         let deadline = Instant::now() + self.request_timeout;
         let mut attempts = 0;
         loop {
@@ -200,9 +249,15 @@ impl LlmClient {
 
     fn give_up(&self, error: AttemptError, attempts: u32) -> UpstreamError {
         match error {
-            AttemptError::Status { status, detail, .. } => UpstreamError::Status { status, detail, attempts },
+            AttemptError::Status { status, detail, .. } => UpstreamError::Status {
+                status,
+                detail,
+                attempts,
+            },
             AttemptError::Transport(detail) => UpstreamError::Transport { detail, attempts },
-            AttemptError::Timeout => UpstreamError::Timeout { after: self.request_timeout },
+            AttemptError::Timeout => UpstreamError::Timeout {
+                after: self.request_timeout,
+            },
             AttemptError::Malformed(detail) => UpstreamError::Malformed { detail },
         }
     }
@@ -219,7 +274,10 @@ impl LlmClient {
         if remaining.is_zero() {
             return Err(AttemptError::Timeout);
         }
-        let mut request = agent.post(url).timeout(remaining).set("Content-Type", "application/json");
+        let mut request = agent
+            .post(url)
+            .timeout(remaining)
+            .set("Content-Type", "application/json");
         if let Some(authorization) = authorization {
             request = request.set("Authorization", authorization);
         }
@@ -231,15 +289,30 @@ impl LlmClient {
                     .into_reader()
                     .take(MAX_RESPONSE_BYTES)
                     .read_to_end(&mut bytes)
-                    .map_err(|e| if timed_out() { AttemptError::Timeout } else { AttemptError::Transport(e.to_string()) })?;
+                    .map_err(|e| {
+                        if timed_out() {
+                            AttemptError::Timeout
+                        } else {
+                            AttemptError::Transport(e.to_string())
+                        }
+                    })?;
                 wire::parse_completion(&bytes, &self.model).map_err(AttemptError::Malformed)
             }
             Err(ureq::Error::Status(status, response)) => {
-                let retry_after = response.header("retry-after").and_then(|v| parse_retry_after(v, SystemTime::now()));
+                let retry_after = response
+                    .header("retry-after")
+                    .and_then(|v| parse_retry_after(v, SystemTime::now()));
                 let mut bytes = Vec::new();
                 // The body only explains the status; a failure to read it changes nothing.
-                let _ = response.into_reader().take(64 << 10).read_to_end(&mut bytes);
-                Err(AttemptError::Status { status, detail: wire::error_detail(&bytes), retry_after })
+                let _ = response
+                    .into_reader()
+                    .take(64 << 10)
+                    .read_to_end(&mut bytes);
+                Err(AttemptError::Status {
+                    status,
+                    detail: wire::error_detail(&bytes),
+                    retry_after,
+                })
             }
             Err(ureq::Error::Transport(_)) if timed_out() => Err(AttemptError::Timeout),
             Err(ureq::Error::Transport(t)) => Err(AttemptError::Transport(t.to_string())),
@@ -250,10 +323,16 @@ impl LlmClient {
 /// How long to wait before the next attempt: the upstream's `Retry-After` when it gave one,
 /// else exponential backoff with full jitter.
 fn backoff(attempts: u32, error: &AttemptError) -> Duration {
-    if let AttemptError::Status { retry_after: Some(wait), .. } = error {
+    if let AttemptError::Status {
+        retry_after: Some(wait),
+        ..
+    } = error
+    {
         return *wait;
     }
-    let ceiling = BASE_BACKOFF.saturating_mul(1 << attempts.min(16)).min(MAX_BACKOFF);
+    let ceiling = BASE_BACKOFF
+        .saturating_mul(1 << attempts.min(16))
+        .min(MAX_BACKOFF);
     ceiling.mul_f64(fastrand::f64())
 }
 
@@ -289,13 +368,21 @@ mod tests {
             let ceiling = BASE_BACKOFF.saturating_mul(1 << attempts).min(MAX_BACKOFF);
             assert!(backoff(attempts, &err) <= ceiling);
         }
-        let limited = AttemptError::Status { status: 429, detail: String::new(), retry_after: Some(Duration::from_secs(2)) };
+        let limited = AttemptError::Status {
+            status: 429,
+            detail: String::new(),
+            retry_after: Some(Duration::from_secs(2)),
+        };
         assert_eq!(backoff(1, &limited), Duration::from_secs(2));
     }
 
     #[test]
     fn only_transient_failures_are_retried() {
-        let status = |s| AttemptError::Status { status: s, detail: String::new(), retry_after: None };
+        let status = |s| AttemptError::Status {
+            status: s,
+            detail: String::new(),
+            retry_after: None,
+        };
         for s in [429, 500, 502, 503, 504] {
             assert!(status(s).retryable(), "{s}");
         }

@@ -29,7 +29,11 @@ pub fn assemble(system_prompt: &str, history: &[Message], user: &str) -> Vec<Cha
     if !system_prompt.is_empty() {
         messages.push(ChatMessage::new("system", system_prompt));
     }
-    messages.extend(history.iter().map(|m| ChatMessage::new(&m.role, &m.content)));
+    messages.extend(
+        history
+            .iter()
+            .map(|m| ChatMessage::new(&m.role, &m.content)),
+    );
     messages.push(ChatMessage::new("user", user));
     messages
 }
@@ -40,7 +44,12 @@ mod tests {
 
     fn msg(id: i64, content: &str) -> Message {
         let role = if id % 2 == 1 { "user" } else { "assistant" };
-        Message { id, role: role.into(), content: content.into(), created_at: String::new() }
+        Message {
+            id,
+            role: role.into(),
+            content: content.into(),
+            created_at: String::new(),
+        }
     }
 
     fn ids(ms: &[Message]) -> Vec<i64> {
@@ -73,8 +82,19 @@ mod tests {
     fn assemble_puts_system_history_then_user() {
         let history = [msg(1, "hi"), msg(2, "hello")];
         let out = assemble("be brief", &history, "next");
-        let pairs: Vec<_> = out.iter().map(|m| (m.role.as_str(), m.content.as_str())).collect();
-        assert_eq!(pairs, [("system", "be brief"), ("user", "hi"), ("assistant", "hello"), ("user", "next")]);
+        let pairs: Vec<_> = out
+            .iter()
+            .map(|m| (m.role.as_str(), m.content.as_str()))
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                ("system", "be brief"),
+                ("user", "hi"),
+                ("assistant", "hello"),
+                ("user", "next")
+            ]
+        );
         assert_eq!(assemble("", &[], "x"), [ChatMessage::new("user", "x")]);
     }
 }

@@ -15,7 +15,10 @@ pub struct ChatMessage {
 impl ChatMessage {
     /// A message with the given role and text.
     pub fn new(role: &str, content: &str) -> ChatMessage {
-        ChatMessage { role: role.into(), content: content.into() }
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -33,7 +36,11 @@ pub struct Usage {
 impl Usage {
     /// Usage from its two parts.
     pub fn new(prompt_tokens: u64, completion_tokens: u64) -> Usage {
-        Usage { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens }
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
     }
 }
 
@@ -91,8 +98,8 @@ struct ResponseMessage {
 
 /// Reads a `chat.completion` body; the error says what was wrong with it.
 pub fn parse_completion(body: &[u8], requested_model: &str) -> Result<Completion, String> {
-    let parsed: ResponseBody =
-        serde_json::from_slice(body).map_err(|e| format!("the LLM's answer is not a chat completion: {e}"))?;
+    let parsed: ResponseBody = serde_json::from_slice(body)
+        .map_err(|e| format!("the LLM's answer is not a chat completion: {e}"))?;
     let choice = parsed
         .choices
         .into_iter()
@@ -138,23 +145,39 @@ mod tests {
     fn parses_a_completion_with_and_without_usage() {
         let body = br#"{"id":"x","object":"chat.completion","model":"m-1","choices":[{"index":0,"message":{"role":"assistant","content":"Hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}"#;
         let c = parse_completion(body, "m").unwrap();
-        assert_eq!(c, Completion { content: "Hi".into(), model: "m-1".into(), usage: Some(Usage::new(5, 1)) });
+        assert_eq!(
+            c,
+            Completion {
+                content: "Hi".into(),
+                model: "m-1".into(),
+                usage: Some(Usage::new(5, 1))
+            }
+        );
         let c = parse_completion(br#"{"choices":[{"message":{"content":"x"}}]}"#, "m").unwrap();
         assert_eq!((c.model.as_str(), c.usage), ("m", None));
     }
 
     #[test]
     fn nonsense_is_an_error_that_says_so() {
-        assert!(parse_completion(b"<html>", "m").unwrap_err().contains("not a chat completion"));
-        assert!(parse_completion(br#"{"choices":[]}"#, "m").unwrap_err().contains("no choices"));
-        assert!(parse_completion(br#"{"choices":[{"message":{"content":null}}]}"#, "m")
+        assert!(parse_completion(b"<html>", "m")
             .unwrap_err()
-            .contains("no message content"));
+            .contains("not a chat completion"));
+        assert!(parse_completion(br#"{"choices":[]}"#, "m")
+            .unwrap_err()
+            .contains("no choices"));
+        assert!(
+            parse_completion(br#"{"choices":[{"message":{"content":null}}]}"#, "m")
+                .unwrap_err()
+                .contains("no message content")
+        );
     }
 
     #[test]
     fn error_detail_prefers_the_openai_message() {
-        assert_eq!(error_detail(br#"{"error":{"message":"Rate limit\nreached"}}"#), "Rate limit reached");
+        assert_eq!(
+            error_detail(br#"{"error":{"message":"Rate limit\nreached"}}"#),
+            "Rate limit reached"
+        );
         assert_eq!(error_detail(b"Bad Gateway"), "Bad Gateway");
         assert_eq!(error_detail(&[b'x'; 300]).chars().count(), 201);
     }
@@ -162,7 +185,12 @@ mod tests {
     #[test]
     fn request_omits_unset_sampling() {
         let messages = [ChatMessage::new("user", "hi")];
-        let req = CompletionRequest { model: "m", messages: &messages, temperature: None, max_tokens: Some(5) };
+        let req = CompletionRequest {
+            model: "m",
+            messages: &messages,
+            temperature: None,
+            max_tokens: Some(5),
+        };
         assert_eq!(
             serde_json::to_string(&req).unwrap(),
             r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":5}"#

@@ -1,0 +1,407 @@
+//! What the tests share: starting real processes on ephemeral ports, a raw HTTP client, and a
+//! scripted fake upstream. Every process is killed when its handle drops, also when a test fails.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_chatpool");
+
+/// A child process that is killed on drop, with its stderr collected.
+pub struct Proc {
+    child: Child,
+    pub addr: SocketAddr,
+    log: Arc<Mutex<String>>,
+}
+
+impl Proc {
+    /// Starts `chatpool ARGS` and waits for the line naming the address it listens on.
+    pub fn start(args: &[&str], envs: &[(&str, &str)], marker: &str) -> Proc {
+        let mut command = Command::new(BIN);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        command.env("RUST_LOG", "info");
+        for (k, v) in envs {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("spawn chatpool");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = Arc::clone(&log);
+        let marker = marker.to_string();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split(&marker).nth(1) {
+                    let addr = rest.split(['/', ' ']).next().unwrap_or("").to_string();
+                    let _ = tx.send(addr);
+                }
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let mut proc = Proc {
+            child,
+            addr: "127.0.0.1:1".parse().unwrap(),
+            log,
+        };
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(addr) => proc.addr = addr.parse().expect("address in the ready line"),
+            Err(_) => panic!("no ready line; log:\n{}", proc.log()),
+        }
+        proc
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    /// Waits for the process to exit, at most `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `chatpool mock-llm` with extra flags, on a free port.
+pub fn mock_llm(flags: &[&str]) -> Proc {
+    let mut args = vec!["mock-llm", "--listen", "127.0.0.1:0"];
+    args.extend_from_slice(flags);
+    Proc::start(&args, &[], "listening on http://")
+}
+
+/// A temp folder holding a config file and the database.
+pub struct Workdir {
+    pub dir: tempfile::TempDir,
+}
+
+impl Workdir {
+    pub fn new() -> Workdir {
+        Workdir {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn db(&self) -> PathBuf {
+        self.dir.path().join("chat.db")
+    }
+
+    /// Writes a config whose `[storage] path` is this folder's database, with `extra` TOML
+    /// appended (sections other than `[storage]`), and returns its path.
+    pub fn config(&self, extra: &str) -> PathBuf {
+        let path = self.dir.path().join("config.toml");
+        let text = format!(
+            "[storage]\npath = {:?}\n\n{extra}\n",
+            self.db().to_str().unwrap()
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// Starts chatpool on a free port with `extra` config.
+    pub fn serve(&self, extra: &str) -> Proc {
+        self.serve_with_env(extra, &[])
+    }
+
+    pub fn serve_with_env(&self, extra: &str, envs: &[(&str, &str)]) -> Proc {
+        let config = self.config(extra);
+        let config = config.to_str().unwrap();
+        Proc::start(
+            &["--config", config, "--listen", "127.0.0.1:0"],
+            envs,
+            "listening on http://",
+        )
+    }
+}
+
+/// An `[llm]` section pointing at an OpenAI-compatible server.
+pub fn openai_llm(upstream: SocketAddr, extra: &str) -> String {
+    format!("[llm]\nprovider = \"openai\"\nbase_url = \"http://{upstream}/v1\"\n{extra}\n")
+}
+
+/// A response as the raw client read it.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// Asserts the contract's error shape and returns the type.
+    pub fn error_type(&self) -> String {
+        let body = self.json();
+        let error = &body["error"];
+        assert!(
+            error["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{body}"
+        );
+        assert_eq!(
+            error["request_id"].as_str(),
+            self.header("X-Request-Id"),
+            "{body}"
+        );
+        assert_eq!(error.as_object().unwrap().len(), 3, "{body}");
+        error["type"].as_str().unwrap().to_string()
+    }
+}
+
+/// Sends raw bytes and reads the whole response (the request must ask to close).
+pub fn raw(addr: SocketAddr, bytes: &[u8]) -> Response {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    stream.write_all(bytes).unwrap();
+    let mut data = Vec::new();
+    stream.read_to_end(&mut data).unwrap();
+    parse_response(&data)
+}
+
+fn parse_response(data: &[u8]) -> Response {
+    let split = data
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a complete response head");
+    let head = String::from_utf8_lossy(&data[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    Response {
+        status,
+        headers,
+        body: data[split + 4..].to_vec(),
+    }
+}
+
+/// An HTTP request over a fresh connection.
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> Response {
+    let mut text = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        text.push_str(&format!("{k}: {v}\r\n"));
+    }
+    let body = body.unwrap_or("");
+    if !body.is_empty() || method == "POST" {
+        text.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    text.push_str("\r\n");
+    text.push_str(body);
+    raw(addr, text.as_bytes())
+}
+
+pub fn get(addr: SocketAddr, path: &str) -> Response {
+    request(addr, "GET", path, None, &[])
+}
+
+pub fn post(addr: SocketAddr, path: &str, body: &str) -> Response {
+    request(addr, "POST", path, Some(body), &[])
+}
+
+/// Sends a message to a chat and returns the response.
+pub fn send(addr: SocketAddr, chat: &str, content: &str) -> Response {
+    let body = serde_json::json!({ "content": content }).to_string();
+    post(addr, &format!("/v1/chats/{chat}/messages"), &body)
+}
+
+/// Polls `cond` until it holds or `timeout` passes.
+pub fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+/// One request the fake upstream received.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub headers: Vec<(String, String)>,
+    pub body: serde_json::Value,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The messages as (role, content) pairs.
+    pub fn messages(&self) -> Vec<(String, String)> {
+        self.body["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    m["role"].as_str().unwrap().to_string(),
+                    m["content"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    }
+}
+
+/// What the fake upstream answers to its n-th request (0-based).
+pub type Script = dyn Fn(usize, &Seen) -> (u16, String) + Send + Sync;
+
+/// A scripted OpenAI-compatible upstream in the test process, recording what it receives.
+pub struct FakeUpstream {
+    pub addr: SocketAddr,
+    server: Arc<tiny_http::Server>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl FakeUpstream {
+    pub fn start(script: Box<Script>) -> FakeUpstream {
+        let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").unwrap());
+        let addr = server.server_addr().to_ip().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (srv, log) = (Arc::clone(&server), Arc::clone(&seen));
+        let thread = thread::spawn(move || {
+            while let Ok(mut request) = srv.recv() {
+                let mut body = String::new();
+                request.as_reader().read_to_string(&mut body).unwrap();
+                let seen = Seen {
+                    headers: request
+                        .headers()
+                        .iter()
+                        .map(|h| (h.field.to_string(), h.value.to_string()))
+                        .collect(),
+                    body: serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+                };
+                let n = {
+                    let mut log = log.lock().unwrap();
+                    log.push(seen.clone());
+                    log.len() - 1
+                };
+                let (status, reply) = script(n, &seen);
+                let _ = request
+                    .respond(tiny_http::Response::from_string(reply).with_status_code(status));
+            }
+        });
+        FakeUpstream {
+            addr,
+            server,
+            seen,
+            thread: Some(thread),
+        }
+    }
+
+    /// Answers every request with a completion whose content is `reply`.
+    pub fn replying(reply: &'static str) -> FakeUpstream {
+        FakeUpstream::start(Box::new(move |_, _| (200, completion(reply))))
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for FakeUpstream {
+    fn drop(&mut self) {
+        self.server.unblock();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A `chat.completion` body with `content` and usage.
+pub fn completion(content: &str) -> String {
+    serde_json::json!({
+        "id": "x", "object": "chat.completion", "model": "upstream-model",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}
+    })
+    .to_string()
+}
+
+/// Every message of a chat, read straight from the database file.
+pub fn stored_messages(db: &Path, chat: &str) -> Vec<(i64, String, String)> {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT id, role, content FROM messages WHERE chat_id = ?1 ORDER BY id")
+        .unwrap();
+    let rows = stmt
+        .query_map([chat], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap();
+    rows.map(Result::unwrap).collect()
+}

@@ -1,0 +1,9 @@
+//! chatpool's over-the-wire tests: real servers on ephemeral loopback ports, real processes,
+//! temp databases. One test binary; each module covers one part of the contract.
+
+mod support;
+
+mod admission;
+mod api;
+mod lifecycle;
+mod upstream;

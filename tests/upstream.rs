@@ -1,0 +1,152 @@
+//! What reaches the LLM, and how its failures reach the client.
+
+use crate::support::*;
+use std::time::{Duration, Instant};
+
+fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    list.iter()
+        .map(|(r, c)| (r.to_string(), c.to_string()))
+        .collect()
+}
+
+#[test]
+fn the_upstream_gets_system_prompt_history_window_new_message_model_and_key() {
+    let upstream = FakeUpstream::start(Box::new(|n, _| (200, completion(&format!("r{n}")))));
+    let work = Workdir::new();
+    let llm = openai_llm(
+        upstream.addr,
+        "model = \"test-model\"\napi_key_env = \"CHATPOOL_TEST_KEY\"\n",
+    );
+    let config =
+        format!("[history]\nmax_messages = 3\nmax_chars = 1000\nsystem_prompt = \"SYS\"\n\n{llm}");
+    let server = work.serve_with_env(&config, &[("CHATPOOL_TEST_KEY", "sk-test-123")]);
+    for text in ["m0", "m1", "m2"] {
+        assert_eq!(send(server.addr, "c", text).status, 200);
+    }
+    let seen = upstream.seen();
+    assert_eq!(
+        seen[0].messages(),
+        pairs(&[("system", "SYS"), ("user", "m0")])
+    );
+    assert_eq!(
+        seen[1].messages(),
+        pairs(&[
+            ("system", "SYS"),
+            ("user", "m0"),
+            ("assistant", "r0"),
+            ("user", "m1")
+        ])
+    );
+    // max_messages = 3: the oldest earlier message is dropped.
+    assert_eq!(
+        seen[2].messages(),
+        pairs(&[
+            ("system", "SYS"),
+            ("assistant", "r0"),
+            ("user", "m1"),
+            ("assistant", "r1"),
+            ("user", "m2")
+        ])
+    );
+    assert_eq!(seen[2].body["model"], "test-model");
+    assert_eq!(seen[2].header("Authorization"), Some("Bearer sk-test-123"));
+    assert!(!server.log().contains("sk-test-123"));
+    // The reply's model is the upstream's, as it named it.
+    assert_eq!(
+        send(server.addr, "d", "x").json()["model"],
+        "upstream-model"
+    );
+}
+
+#[test]
+fn the_history_window_is_bounded_by_characters_newest_kept() {
+    let upstream = FakeUpstream::start(Box::new(|_, _| (200, completion("ok"))));
+    let work = Workdir::new();
+    let config = format!(
+        "[history]\nmax_messages = 40\nmax_chars = 12\nsystem_prompt = \"\"\n\n{}",
+        openai_llm(upstream.addr, "")
+    );
+    let server = work.serve(&config);
+    // Stored: "ééééé" (5 chars, 10 bytes), "ok", "abcdef", "ok"; then a new message.
+    for text in ["ééééé", "abcdef", "new"] {
+        assert_eq!(send(server.addr, "c", text).status, 200);
+    }
+    // 12 characters hold "ok" + "abcdef" + "ok" (10) but not "ééééé" as well (15).
+    let last = upstream.seen().pop().unwrap();
+    assert_eq!(
+        last.messages(),
+        pairs(&[
+            ("assistant", "ok"),
+            ("user", "abcdef"),
+            ("assistant", "ok"),
+            ("user", "new")
+        ])
+    );
+}
+
+#[test]
+fn an_upstream_error_is_502_naming_its_status_and_stores_nothing() {
+    let upstream = FakeUpstream::start(Box::new(|_, _| {
+        (500, r#"{"error":{"message":"model exploded"}}"#.into())
+    }));
+    let work = Workdir::new();
+    let server = work.serve(&openai_llm(upstream.addr, "max_retries = 1\n"));
+    let r = send(server.addr, "c", "hi");
+    assert_eq!((r.status, r.error_type().as_str()), (502, "upstream_error"));
+    let message = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(
+        message.contains("500") && message.contains("model exploded"),
+        "{message}"
+    );
+    assert_eq!(upstream.seen().len(), 2, "one call and one retry");
+    assert!(stored_messages(&work.db(), "c").is_empty());
+    assert_eq!(get(server.addr, "/v1/chats/c/messages").status, 404);
+    assert!(server
+        .log()
+        .contains(&format!("request_id={}", r.header("X-Request-Id").unwrap())));
+}
+
+#[test]
+fn nonsense_from_the_upstream_is_502() {
+    let upstream = FakeUpstream::start(Box::new(|_, _| (200, "<html>hello</html>".into())));
+    let work = Workdir::new();
+    let server = work.serve(&openai_llm(upstream.addr, ""));
+    let r = send(server.addr, "c", "hi");
+    assert_eq!((r.status, r.error_type().as_str()), (502, "upstream_error"));
+    assert!(stored_messages(&work.db(), "c").is_empty());
+}
+
+#[test]
+fn a_slow_upstream_is_504_within_the_deadline() {
+    let mock = mock_llm(&["--latency-ms", "5000"]);
+    let work = Workdir::new();
+    let server = work.serve(&openai_llm(mock.addr, "request_timeout_ms = 400\n"));
+    let started = Instant::now();
+    let r = send(server.addr, "c", "hi");
+    assert_eq!(
+        (r.status, r.error_type().as_str()),
+        (504, "upstream_timeout")
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(3000),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(stored_messages(&work.db(), "c").is_empty());
+}
+
+#[test]
+fn an_unreachable_upstream_is_502() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let work = Workdir::new();
+    let server = work.serve(&openai_llm(closed, "max_retries = 0\n"));
+    let r = send(server.addr, "c", "hi");
+    assert_eq!((r.status, r.error_type().as_str()), (502, "upstream_error"));
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("could not reach"));
+}
