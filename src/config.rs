@@ -258,6 +258,13 @@ impl Config {
         if l.max_retries > 10 {
             return bad("llm.max_retries", "must be at most 10");
         }
+        if !self.auth.tokens.is_empty() {
+            // Accepting tokens that nothing checks would leave an operator believing auth is on.
+            return bad(
+                "auth.tokens",
+                "auth is not available in this version; leave tokens empty",
+            );
+        }
         for (i, entry) in self.auth.tokens.iter().enumerate() {
             let hex =
                 entry.sha256.len() == 64 && entry.sha256.bytes().all(|b| b.is_ascii_hexdigit());

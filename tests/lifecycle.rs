@@ -135,7 +135,7 @@ fn sigterm_drains_admitted_requests_then_exits_0() {
         let s = get(addr, "/status").json();
         s["workers_busy"] == 2 && s["queue_depth"] == 1
     }));
-    server.signal("TERM");
+    server.signal(libc::SIGTERM);
     assert!(eventually(Duration::from_secs(5), || get(addr, "/status")
         .json()["draining"]
         == true));
@@ -166,7 +166,7 @@ fn sigterm_drains_admitted_requests_then_exits_0() {
 fn sigint_with_nothing_in_flight_exits_0_at_once() {
     let work = Workdir::new();
     let mut server = work.serve("");
-    server.signal("INT");
+    server.signal(libc::SIGINT);
     let status = server.wait(Duration::from_secs(10)).expect("exited");
     assert_eq!(status.code(), Some(0));
 }
@@ -209,7 +209,7 @@ fn after_kill_9_every_acknowledged_exchange_is_stored_and_complete() {
         .unwrap()
         .len()
         >= 50));
-    server.signal("KILL");
+    server.signal(libc::SIGKILL);
     drop(server);
     stop.store(true, Ordering::SeqCst);
     for client in clients {
