@@ -258,21 +258,27 @@ impl Config {
         if l.max_retries > 10 {
             return bad("llm.max_retries", "must be at most 10");
         }
-        if !self.auth.tokens.is_empty() {
-            // Accepting tokens that nothing checks would leave an operator believing auth is on.
-            return bad(
-                "auth.tokens",
-                "auth is not available in this version; leave tokens empty",
-            );
-        }
         for (i, entry) in self.auth.tokens.iter().enumerate() {
             let hex =
                 entry.sha256.len() == 64 && entry.sha256.bytes().all(|b| b.is_ascii_hexdigit());
             if !hex {
                 return bad(&format!("auth.tokens[{i}].sha256"), "must be 64 hex digits");
             }
-            if entry.tenant.is_empty() {
-                return bad(&format!("auth.tokens[{i}].tenant"), "must not be empty");
+            if !is_valid_tenant(&entry.tenant) {
+                return bad(
+                    &format!("auth.tokens[{i}].tenant"),
+                    "must be 1 to 64 characters of A-Z a-z 0-9 . _ -",
+                );
+            }
+            let earlier = &self.auth.tokens[..i];
+            if earlier
+                .iter()
+                .any(|e| e.sha256.eq_ignore_ascii_case(&entry.sha256))
+            {
+                return bad(
+                    &format!("auth.tokens[{i}].sha256"),
+                    "the same token is listed twice",
+                );
             }
         }
         Ok(())
@@ -291,6 +297,14 @@ impl Config {
                 ))
             })
     }
+}
+
+/// Whether `name` can name a tenant: 1 to 64 characters of `A-Z a-z 0-9 . _ -`.
+pub fn is_valid_tenant(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// More workers than this is a typo, not a plan: each one is a thread with its own stack.
@@ -355,5 +369,11 @@ mod tests {
         let err =
             Config::parse("[auth]\ntokens = [{ tenant = \"a\", sha256 = \"zz\" }]\n").unwrap_err();
         assert!(err.0.starts_with("auth.tokens[0].sha256"), "{err}");
+        let entry = format!("{{ tenant = \"a/b\", sha256 = \"{}\" }}", "a".repeat(64));
+        let err = Config::parse(&format!("[auth]\ntokens = [{entry}]\n")).unwrap_err();
+        assert!(err.0.starts_with("auth.tokens[0].tenant"), "{err}");
+        let entry = format!("{{ tenant = \"a\", sha256 = \"{}\" }}", "a".repeat(64));
+        let err = Config::parse(&format!("[auth]\ntokens = [{entry}, {entry}]\n")).unwrap_err();
+        assert!(err.0.contains("twice"), "{err}");
     }
 }

@@ -1,6 +1,7 @@
 //! The `chatpool` command: parses flags, loads the config, starts, waits for a signal, and
 //! turns the outcome into an exit status.
 
+use chatpool::auth;
 use chatpool::config::Config;
 use chatpool::mock_llm::{self, MockOptions};
 use chatpool::server::Server;
@@ -32,6 +33,11 @@ struct Cli {
 enum Command {
     /// Serve an OpenAI-compatible fake LLM, for tests, load and demos
     MockLlm(MockOptions),
+    /// Print a new random token for tenant NAME and the [auth] entry that admits it
+    Token {
+        /// The tenant the token acts for (1-64 of A-Z a-z 0-9 . _ -)
+        name: String,
+    },
 }
 
 /// Exit status for a configuration or start-up problem, as for a usage error.
@@ -45,8 +51,27 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),
         },
+        Some(Command::Token { name }) => token(&name),
         None => serve(cli.config.as_deref(), cli.listen, cli.workers),
     }
+}
+
+fn token(tenant: &str) -> ExitCode {
+    if !chatpool::config::is_valid_tenant(tenant) {
+        return fail("a tenant name is 1 to 64 characters of A-Z a-z 0-9 . _ -");
+    }
+    let token = match auth::new_token() {
+        Ok(token) => token,
+        Err(e) => return fail(&format!("cannot read the OS's random source: {e}")),
+    };
+    println!("{token}");
+    println!("# Give the token above to {tenant}; it is shown only this once.");
+    println!("# Add this entry to [auth] tokens in config.toml and restart chatpool:");
+    println!(
+        "{{ tenant = \"{tenant}\", sha256 = \"{}\" }}",
+        auth::digest_hex(&token)
+    );
+    ExitCode::SUCCESS
 }
 
 fn serve(config_path: Option<&Path>, listen: Option<String>, workers: Option<usize>) -> ExitCode {
@@ -71,6 +96,7 @@ fn serve(config_path: Option<&Path>, listen: Option<String>, workers: Option<usi
         Ok(signals) => signals,
         Err(e) => return fail(&format!("cannot install signal handlers: {e}")),
     };
+    let auth_on = !config.auth.tokens.is_empty();
     let summary = (
         config.server.max_concurrent_requests,
         config.server.queue_capacity,
@@ -84,7 +110,7 @@ fn serve(config_path: Option<&Path>, listen: Option<String>, workers: Option<usi
     };
     let (workers, queue, db, provider, model) = summary;
     let addr = server.addr();
-    if !addr.ip().is_loopback() {
+    if !addr.ip().is_loopback() && !auth_on {
         log::warn!(
             "listening beyond loopback on {addr} with auth off: anyone who can reach it can use it"
         );

@@ -12,6 +12,7 @@
 
 use crate::admission::{Admission, Refusal};
 use crate::api::{self, ApiError, Job, Ops, Target};
+use crate::auth::Auth;
 use crate::config::{Config, ConfigError};
 use crate::llm::LlmClient;
 use crate::metrics::Metrics;
@@ -141,6 +142,7 @@ impl Server {
             jobs: Some(jobs_tx),
             queue: jobs_rx,
             admission: Admission::new(limit),
+            auth: Auth::new(&config.auth),
             metrics,
             control: Arc::clone(&control),
             readiness,
@@ -187,6 +189,7 @@ struct Acceptor {
     /// The workers' end of the channel, kept only to read the queue's length.
     queue: Receiver<Job>,
     admission: Admission,
+    auth: Auth,
     metrics: Arc<Metrics>,
     control: Arc<Control>,
     readiness: Store,
@@ -249,11 +252,16 @@ impl Acceptor {
         let Some(jobs) = &self.jobs else {
             return Err(Box::new((request, ApiError::ShuttingDown)));
         };
+        let tenant = match self.auth.tenant(api::header(&request, "Authorization")) {
+            Ok(tenant) => tenant.to_string(),
+            Err(e) => return Err(Box::new((request, ApiError::Unauthorized(e.message())))),
+        };
         let limit = self.config.server.max_body_bytes;
         if route.has_body() && request.body_length().is_some_and(|n| n > limit) {
             return Err(Box::new((request, ApiError::PayloadTooLarge { limit })));
         }
-        let ticket = match self.admission.admit(route.busy_chat()) {
+        let busy_key = route.busy_chat().map(|chat| format!("{tenant}/{chat}"));
+        let ticket = match self.admission.admit(busy_key.as_deref()) {
             Ok(ticket) => ticket,
             Err(Refusal::Full) => return Err(Box::new((request, ApiError::Overloaded))),
             Err(Refusal::ChatBusy) => return Err(Box::new((request, ApiError::ChatBusy))),
@@ -261,6 +269,7 @@ impl Acceptor {
         let job = Job {
             request,
             route,
+            tenant,
             request_id: request_id.to_string(),
             received,
             ticket,

@@ -37,7 +37,31 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX messages_by_chat ON messages(chat_id, id);
     CREATE UNIQUE INDEX messages_by_idempotency_key ON messages(chat_id, idempotency_key)
         WHERE idempotency_key IS NOT NULL;",
+    // 2: chats belong to tenants; everything stored before auth goes to the default tenant.
+    "CREATE TABLE chats_by_tenant (
+        tenant TEXT NOT NULL,
+        chat_id TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        message_count INTEGER NOT NULL,
+        last_message_id INTEGER NOT NULL,
+        PRIMARY KEY (tenant, chat_id)
+    );
+    INSERT INTO chats_by_tenant
+        SELECT 'default', chat_id, created_at, updated_at, message_count, last_message_id FROM chats;
+    DROP TABLE chats;
+    ALTER TABLE chats_by_tenant RENAME TO chats;
+    CREATE INDEX chats_by_recency ON chats(tenant, last_message_id);
+    ALTER TABLE messages ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default';
+    DROP INDEX messages_by_chat;
+    CREATE INDEX messages_by_chat ON messages(tenant, chat_id, id);
+    DROP INDEX messages_by_idempotency_key;
+    CREATE UNIQUE INDEX messages_by_idempotency_key ON messages(tenant, chat_id, idempotency_key)
+        WHERE idempotency_key IS NOT NULL;",
 ];
+
+/// The tenant that owns every chat while auth is off, and every chat stored before it existed.
+pub const DEFAULT_TENANT: &str = "default";
 
 /// How long a statement waits for another connection's write lock before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -107,6 +131,8 @@ pub struct StoredReply {
 /// The exchange to store after the LLM answered.
 #[derive(Debug, Clone)]
 pub struct Exchange<'a> {
+    /// The tenant that owns the chat.
+    pub tenant: &'a str,
     /// The chat it belongs to.
     pub chat_id: &'a str,
     /// The user's message.
@@ -223,29 +249,31 @@ impl Store {
     /// The `limit` newest messages of a chat, newest first; reads no more rows than that.
     pub fn newest_messages(
         &mut self,
+        tenant: &str,
         chat_id: &str,
         limit: usize,
     ) -> Result<Vec<Message>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT id, role, content, created_at FROM messages
-             WHERE chat_id = ?1 ORDER BY id DESC LIMIT ?2",
+             WHERE tenant = ?1 AND chat_id = ?2 ORDER BY id DESC LIMIT ?3",
         )?;
-        let rows = stmt.query_map(params![chat_id, limit as i64], message_from_row)?;
+        let rows = stmt.query_map(params![tenant, chat_id, limit as i64], message_from_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// The reply stored earlier under this idempotency key in this chat, if any.
     pub fn find_reply(
         &mut self,
+        tenant: &str,
         chat_id: &str,
         key: &str,
     ) -> Result<Option<StoredReply>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT id, content, model, prompt_tokens, completion_tokens FROM messages
-             WHERE chat_id = ?1 AND idempotency_key = ?2",
+             WHERE tenant = ?1 AND chat_id = ?2 AND idempotency_key = ?3",
         )?;
         let reply = stmt
-            .query_row(params![chat_id, key], |r| {
+            .query_row(params![tenant, chat_id, key], |r| {
                 let prompt: Option<i64> = r.get(3)?;
                 let completion: Option<i64> = r.get(4)?;
                 Ok(StoredReply {
@@ -264,70 +292,79 @@ impl Store {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        {
+        let reply_id = {
             let mut insert = tx.prepare_cached(&format!(
-                "INSERT INTO messages (chat_id, role, content, created_at, model, prompt_tokens,
-                                       completion_tokens, idempotency_key)
-                 VALUES (?1, ?2, ?3, {NOW}, ?4, ?5, ?6, ?7)"
+                "INSERT INTO messages (tenant, chat_id, role, content, created_at, model,
+                                       prompt_tokens, completion_tokens, idempotency_key)
+                 VALUES (?1, ?2, ?3, ?4, {NOW}, ?5, ?6, ?7, ?8)"
             ))?;
             let (prompt, completion) = match exchange.usage {
                 Some((p, c)) => (Some(p as i64), Some(c as i64)),
                 None => (None, None),
             };
+            let (tenant, chat_id) = (exchange.tenant, exchange.chat_id);
             let none: Option<&str> = None;
+            let no_count: Option<i64> = None;
             insert.execute(params![
-                exchange.chat_id,
+                tenant,
+                chat_id,
                 "user",
                 exchange.user,
                 none,
-                None::<i64>,
-                None::<i64>,
+                no_count,
+                no_count,
                 none
             ])?;
-            insert.execute(params![
-                exchange.chat_id,
+            insert.insert(params![
+                tenant,
+                chat_id,
                 "assistant",
                 exchange.reply,
                 exchange.model,
                 prompt,
                 completion,
                 exchange.idempotency_key
-            ])?;
-        }
-        let reply_id = tx.last_insert_rowid();
+            ])?
+        };
         tx.prepare_cached(&format!(
-            "INSERT INTO chats (chat_id, created_at, updated_at, message_count, last_message_id)
-             VALUES (?1, {NOW}, {NOW}, 2, ?2)
-             ON CONFLICT (chat_id) DO UPDATE SET updated_at = excluded.updated_at,
+            "INSERT INTO chats (tenant, chat_id, created_at, updated_at, message_count, last_message_id)
+             VALUES (?1, ?2, {NOW}, {NOW}, 2, ?3)
+             ON CONFLICT (tenant, chat_id) DO UPDATE SET updated_at = excluded.updated_at,
                  message_count = message_count + 2, last_message_id = excluded.last_message_id"
         ))?
-        .execute(params![exchange.chat_id, reply_id])?;
+        .execute(params![exchange.tenant, exchange.chat_id, reply_id])?;
         tx.commit()?;
         Ok(reply_id)
     }
 
     /// Up to `limit` messages older than `before` (or the newest), oldest first; `None` when the
-    /// chat does not exist.
+    /// chat does not exist for this tenant.
     pub fn page(
         &mut self,
+        tenant: &str,
         chat_id: &str,
         limit: usize,
         before: Option<i64>,
     ) -> Result<Option<Page>, StoreError> {
         let tx = self.conn.transaction()?;
         let exists = tx
-            .prepare_cached("SELECT 1 FROM chats WHERE chat_id = ?1")?
-            .exists(params![chat_id])?;
+            .prepare_cached("SELECT 1 FROM chats WHERE tenant = ?1 AND chat_id = ?2")?
+            .exists(params![tenant, chat_id])?;
         if !exists {
             return Ok(None);
         }
         let mut messages: Vec<Message> = tx
             .prepare_cached(
                 "SELECT id, role, content, created_at FROM messages
-                 WHERE chat_id = ?1 AND id < ?2 ORDER BY id DESC LIMIT ?3",
+                 WHERE tenant = ?1 AND chat_id = ?2 AND id < ?3 ORDER BY id DESC LIMIT ?4",
             )?
             .query_map(
-                params![chat_id, before.unwrap_or(i64::MAX), limit as i64 + 1],
+                params![
+                    tenant,
+                    chat_id,
+                    before.unwrap_or(i64::MAX),
+                    limit as i64 + 1
+                ],
                 message_from_row,
             )?
             .collect::<Result<_, _>>()?;
@@ -337,13 +374,17 @@ impl Store {
         Ok(Some(Page { messages, has_more }))
     }
 
-    /// The `limit` most recently updated chats, most recent first.
-    pub fn list_chats(&mut self, limit: usize) -> Result<Vec<ChatSummary>, StoreError> {
+    /// The tenant's `limit` most recently updated chats, most recent first.
+    pub fn list_chats(
+        &mut self,
+        tenant: &str,
+        limit: usize,
+    ) -> Result<Vec<ChatSummary>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT chat_id, message_count, created_at, updated_at FROM chats
-             ORDER BY last_message_id DESC LIMIT ?1",
+             WHERE tenant = ?1 ORDER BY last_message_id DESC LIMIT ?2",
         )?;
-        let rows = stmt.query_map(params![limit as i64], |r| {
+        let rows = stmt.query_map(params![tenant, limit as i64], |r| {
             Ok(ChatSummary {
                 chat_id: r.get(0)?,
                 message_count: r.get(1)?,
@@ -354,16 +395,16 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Deletes a chat and all its messages; `false` when it did not exist.
-    pub fn delete_chat(&mut self, chat_id: &str) -> Result<bool, StoreError> {
+    /// Deletes a tenant's chat and all its messages; `false` when it did not exist.
+    pub fn delete_chat(&mut self, tenant: &str, chat_id: &str) -> Result<bool, StoreError> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.prepare_cached("DELETE FROM messages WHERE chat_id = ?1")?
-            .execute(params![chat_id])?;
+        tx.prepare_cached("DELETE FROM messages WHERE tenant = ?1 AND chat_id = ?2")?
+            .execute(params![tenant, chat_id])?;
         let deleted = tx
-            .prepare_cached("DELETE FROM chats WHERE chat_id = ?1")?
-            .execute(params![chat_id])?;
+            .prepare_cached("DELETE FROM chats WHERE tenant = ?1 AND chat_id = ?2")?
+            .execute(params![tenant, chat_id])?;
         tx.commit()?;
         Ok(deleted > 0)
     }
@@ -395,6 +436,8 @@ pub fn sqlite_version() -> &'static str {
 mod tests {
     use super::*;
 
+    const T: &str = DEFAULT_TENANT;
+
     fn temp_store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open_and_migrate(&dir.path().join("t.db"), Synchronous::Normal).unwrap();
@@ -408,6 +451,7 @@ mod tests {
         key: Option<&'a str>,
     ) -> Exchange<'a> {
         Exchange {
+            tenant: DEFAULT_TENANT,
             chat_id: chat,
             user,
             reply,
@@ -426,7 +470,7 @@ mod tests {
             .unwrap();
         drop(s);
         let mut s = Store::open_and_migrate(&path, Synchronous::Full).unwrap();
-        assert_eq!(s.newest_messages("c", 10).unwrap().len(), 2);
+        assert_eq!(s.newest_messages(T, "c", 10).unwrap().len(), 2);
     }
 
     #[test]
@@ -458,10 +502,10 @@ mod tests {
         let first = s.append_exchange(&exchange("c", "u1", "a1", None)).unwrap();
         let second = s.append_exchange(&exchange("c", "u2", "a2", None)).unwrap();
         assert!(second > first);
-        let newest = s.newest_messages("c", 3).unwrap();
+        let newest = s.newest_messages(T, "c", 3).unwrap();
         let texts: Vec<_> = newest.iter().map(|m| m.content.as_str()).collect();
         assert_eq!(texts, ["a2", "u2", "a1"]);
-        let chats = s.list_chats(10).unwrap();
+        let chats = s.list_chats(T, 10).unwrap();
         assert_eq!(chats.len(), 1);
         assert_eq!(chats[0].message_count, 4);
     }
@@ -473,15 +517,18 @@ mod tests {
             s.append_exchange(&exchange("c", &format!("u{i}"), &format!("a{i}"), None))
                 .unwrap();
         }
-        let page = s.page("c", 4, None).unwrap().unwrap();
+        let page = s.page(T, "c", 4, None).unwrap().unwrap();
         let texts: Vec<_> = page.messages.iter().map(|m| m.content.as_str()).collect();
         assert_eq!(texts, ["u1", "a1", "u2", "a2"]);
         assert!(page.has_more);
-        let older = s.page("c", 4, Some(page.messages[0].id)).unwrap().unwrap();
+        let older = s
+            .page(T, "c", 4, Some(page.messages[0].id))
+            .unwrap()
+            .unwrap();
         let texts: Vec<_> = older.messages.iter().map(|m| m.content.as_str()).collect();
         assert_eq!(texts, ["u0", "a0"]);
         assert!(!older.has_more);
-        assert_eq!(s.page("nope", 4, None).unwrap(), None);
+        assert_eq!(s.page(T, "nope", 4, None).unwrap(), None);
     }
 
     #[test]
@@ -490,12 +537,12 @@ mod tests {
         let id = s
             .append_exchange(&exchange("c", "u", "a", Some("k")))
             .unwrap();
-        let found = s.find_reply("c", "k").unwrap().unwrap();
+        let found = s.find_reply(T, "c", "k").unwrap().unwrap();
         assert_eq!(
             (found.message_id, found.content.as_str(), found.usage),
             (id, "a", Some((3, 4)))
         );
-        assert_eq!(s.find_reply("other", "k").unwrap(), None);
+        assert_eq!(s.find_reply(T, "other", "k").unwrap(), None);
     }
 
     #[test]
@@ -506,16 +553,62 @@ mod tests {
         s.append_exchange(&exchange("a", "u", "r", Some("k")))
             .unwrap();
         let ids: Vec<_> = s
-            .list_chats(10)
+            .list_chats(T, 10)
             .unwrap()
             .into_iter()
             .map(|c| c.chat_id)
             .collect();
         assert_eq!(ids, ["a", "b"]);
-        assert!(s.delete_chat("a").unwrap());
-        assert!(!s.delete_chat("a").unwrap());
-        assert!(s.newest_messages("a", 10).unwrap().is_empty());
-        assert_eq!(s.find_reply("a", "k").unwrap(), None);
-        assert_eq!(s.list_chats(10).unwrap().len(), 1);
+        assert!(s.delete_chat(T, "a").unwrap());
+        assert!(!s.delete_chat(T, "a").unwrap());
+        assert!(s.newest_messages(T, "a", 10).unwrap().is_empty());
+        assert_eq!(s.find_reply(T, "a", "k").unwrap(), None);
+        assert_eq!(s.list_chats(T, 10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_pre_auth_database_moves_into_the_default_tenant() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.db");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.execute_batch(
+            "INSERT INTO messages (chat_id, role, content, created_at, idempotency_key)
+                 VALUES ('c', 'user', 'old question', 't', NULL), ('c', 'assistant', 'old answer', 't', 'k');
+             INSERT INTO chats VALUES ('c', 't', 't', 2, 2);
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+        drop(conn);
+        let mut s = Store::open_and_migrate(&path, Synchronous::Normal).unwrap();
+        let page = s.page(T, "c", 10, None).unwrap().unwrap();
+        let texts: Vec<_> = page.messages.iter().map(|m| m.content.as_str()).collect();
+        assert_eq!(texts, ["old question", "old answer"]);
+        assert_eq!(s.find_reply(T, "c", "k").unwrap().unwrap().message_id, 2);
+        assert_eq!(s.list_chats(T, 10).unwrap()[0].message_count, 2);
+        assert_eq!(s.page("other", "c", 10, None).unwrap(), None);
+        let next = s
+            .append_exchange(&exchange("c", "new", "reply", None))
+            .unwrap();
+        assert_eq!(next, 4);
+    }
+
+    #[test]
+    fn the_same_chat_id_under_two_tenants_is_two_chats() {
+        let (_d, mut s) = temp_store();
+        let mut a = exchange("c", "from a", "to a", Some("k"));
+        a.tenant = "a";
+        let mut b = exchange("c", "from b", "to b", Some("k"));
+        b.tenant = "b";
+        s.append_exchange(&a).unwrap();
+        s.append_exchange(&b).unwrap();
+        assert_eq!(s.newest_messages("a", "c", 10).unwrap().len(), 2);
+        assert_eq!(
+            s.find_reply("b", "c", "k").unwrap().unwrap().content,
+            "to b"
+        );
+        assert!(s.delete_chat("a", "c").unwrap());
+        assert_eq!(s.newest_messages("b", "c", 10).unwrap().len(), 2);
+        assert!(s.list_chats("a", 10).unwrap().is_empty());
     }
 }

@@ -5,5 +5,6 @@ mod support;
 
 mod admission;
 mod api;
+mod auth;
 mod lifecycle;
 mod upstream;

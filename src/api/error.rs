@@ -12,6 +12,8 @@ pub enum ApiError {
     InvalidJson(String),
     /// 400 `invalid_request`: JSON of the wrong shape, or a bad path or query value.
     InvalidRequest(String),
+    /// 401 `unauthorized`: auth is on and the bearer token is missing or wrong.
+    Unauthorized(&'static str),
     /// 404 `not_found`: no such route or chat.
     NotFound(String),
     /// 405 `method_not_allowed`, with the methods the path takes.
@@ -44,6 +46,7 @@ impl ApiError {
         match self {
             ApiError::InvalidJson(_) => (400, "invalid_json"),
             ApiError::InvalidRequest(_) => (400, "invalid_request"),
+            ApiError::Unauthorized(_) => (401, "unauthorized"),
             ApiError::NotFound(_) => (404, "not_found"),
             ApiError::MethodNotAllowed { .. } => (405, "method_not_allowed"),
             ApiError::ChatBusy => (409, "chat_busy"),
@@ -60,6 +63,7 @@ impl ApiError {
     pub fn headers(&self) -> Vec<(&'static str, &'static str)> {
         match self {
             ApiError::MethodNotAllowed { allow } => vec![("Allow", allow)],
+            ApiError::Unauthorized(_) => vec![("WWW-Authenticate", "Bearer")],
             ApiError::ChatBusy | ApiError::Overloaded => vec![("Retry-After", "1")],
             ApiError::ShuttingDown => vec![("Retry-After", "5")],
             _ => Vec::new(),
@@ -87,6 +91,7 @@ impl fmt::Display for ApiError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ApiError::InvalidJson(m) | ApiError::InvalidRequest(m) | ApiError::NotFound(m) => f.write_str(m),
+            ApiError::Unauthorized(m) => f.write_str(m),
             ApiError::MethodNotAllowed { allow } => write!(f, "method not allowed here; allowed: {allow}"),
             ApiError::ChatBusy => f.write_str(
                 "this chat already has a message queued or in progress; retry when it has been answered",

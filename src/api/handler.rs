@@ -27,6 +27,8 @@ pub struct Job {
     pub request: tiny_http::Request,
     /// Where it goes.
     pub route: Route,
+    /// The tenant it acts for.
+    pub tenant: String,
     /// Its id, the client's or a fresh one.
     pub request_id: String,
     /// When the acceptor received it.
@@ -86,6 +88,7 @@ impl Handler {
         let Job {
             mut request,
             route,
+            tenant,
             request_id,
             received,
             ticket,
@@ -99,7 +102,7 @@ impl Handler {
             store: None,
         };
         let outcome = catch_unwind(AssertUnwindSafe(|| {
-            self.handle(&mut request, &route, &mut timings)
+            self.handle(&mut request, &route, &tenant, &mut timings)
         }));
         let response = match outcome {
             Ok(Ok(response)) => response,
@@ -149,10 +152,11 @@ impl Handler {
         &mut self,
         request: &mut tiny_http::Request,
         route: &Route,
+        tenant: &str,
         timings: &mut Timings,
     ) -> Result<HttpResponse, ApiError> {
         match route {
-            Route::PostMessage { chat_id } => self.post_message(request, chat_id, timings),
+            Route::PostMessage { chat_id } => self.post_message(request, tenant, chat_id, timings),
             Route::GetMessages {
                 chat_id,
                 limit,
@@ -160,7 +164,7 @@ impl Handler {
             } => {
                 let page = self
                     .store
-                    .page(chat_id, *limit, *before)?
+                    .page(tenant, chat_id, *limit, *before)?
                     .ok_or_else(|| no_such_chat(chat_id))?;
                 let messages: Vec<_> = page
                     .messages
@@ -175,7 +179,7 @@ impl Handler {
             Route::ListChats { limit } => {
                 let chats: Vec<_> = self
                     .store
-                    .list_chats(*limit)?
+                    .list_chats(tenant, *limit)?
                     .into_iter()
                     .map(|c| {
                         json!({"chat_id": c.chat_id, "message_count": c.message_count,
@@ -185,7 +189,7 @@ impl Handler {
                 Ok(json_response(200, &json!({ "chats": chats })))
             }
             Route::DeleteChat { chat_id } => {
-                if self.store.delete_chat(chat_id)? {
+                if self.store.delete_chat(tenant, chat_id)? {
                     Ok(tiny_http::Response::from_data(Vec::new()).with_status_code(204))
                 } else {
                     Err(no_such_chat(chat_id))
@@ -197,6 +201,7 @@ impl Handler {
     fn post_message(
         &mut self,
         request: &mut tiny_http::Request,
+        tenant: &str,
         chat_id: &str,
         timings: &mut Timings,
     ) -> Result<HttpResponse, ApiError> {
@@ -212,12 +217,14 @@ impl Handler {
 
         let started = Instant::now();
         if let Some(key) = &key {
-            if let Some(stored) = self.store.find_reply(chat_id, key)? {
+            if let Some(stored) = self.store.find_reply(tenant, chat_id, key)? {
                 timings.history = Some(started.elapsed());
                 return Ok(reply_response(chat_id, stored, timings));
             }
         }
-        let newest = self.store.newest_messages(chat_id, history.max_messages)?;
+        let newest = self
+            .store
+            .newest_messages(tenant, chat_id, history.max_messages)?;
         let window = prompt::window(newest, history.max_chars);
         let messages = prompt::assemble(&history.system_prompt, &window, &message.content);
         timings.history = Some(started.elapsed());
@@ -232,6 +239,7 @@ impl Handler {
             .usage
             .map(|u| (u.prompt_tokens, u.completion_tokens));
         let message_id = self.store.append_exchange(&Exchange {
+            tenant,
             chat_id,
             user: &message.content,
             reply: &completion.content,
