@@ -17,7 +17,7 @@ use crate::config::{Config, ConfigError};
 use crate::llm::LlmClient;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
-use crate::store::{self, Store, StoreError};
+use crate::store::{self, Store, StoreError, Writer};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use serde_json::json;
 use std::fmt;
@@ -70,6 +70,7 @@ pub struct Server {
     http: Arc<tiny_http::Server>,
     acceptor: JoinHandle<()>,
     pool: Pool,
+    writer: JoinHandle<()>,
     control: Arc<Control>,
     grace: Duration,
 }
@@ -90,6 +91,7 @@ impl Server {
         let path = &config.storage.path;
         let sync = config.storage.synchronous;
         let readiness = Store::open_and_migrate(path, sync).map_err(StartError::Store)?;
+        let (writer, writer_thread) = Writer::start(path, sync).map_err(StartError::Store)?;
         let stores = (0..workers)
             .map(|_| Store::open(path, sync))
             .collect::<Result<Vec<_>, _>>()
@@ -120,6 +122,7 @@ impl Server {
             .map(|store| {
                 let mut handler = api::Handler::new(
                     store,
+                    writer.clone(),
                     llm.clone(),
                     Arc::clone(&config),
                     Arc::clone(&metrics),
@@ -158,6 +161,7 @@ impl Server {
             http,
             acceptor,
             pool,
+            writer: writer_thread,
             control,
             grace: Duration::from_secs(config.server.shutdown_grace_secs),
         })
@@ -173,6 +177,10 @@ impl Server {
         self.control.draining.store(true, Ordering::SeqCst);
         self.http.unblock();
         let drained = self.pool.join_until(Instant::now() + self.grace);
+        if drained {
+            // The workers held the writer's last handles; it returns once their writes are in.
+            let _ = self.writer.join();
+        }
         self.control.stopping.store(true, Ordering::SeqCst);
         self.http.unblock();
         // The acceptor only answers small requests; it returns at its next receive.

@@ -15,7 +15,7 @@ use crate::llm::prompt;
 use crate::llm::wire::Usage;
 use crate::llm::LlmClient;
 use crate::metrics::Metrics;
-use crate::store::{Exchange, Store, StoredReply};
+use crate::store::{Exchange, Store, StoredReply, Writer};
 use serde_json::json;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
@@ -40,6 +40,7 @@ pub struct Job {
 /// A worker's resources for serving API requests.
 pub struct Handler {
     store: Store,
+    writer: Writer,
     llm: LlmClient,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
@@ -68,15 +69,17 @@ impl Timings {
 }
 
 impl Handler {
-    /// A handler owning one connection and one client.
+    /// A handler owning one read connection, a writer handle and one LLM client.
     pub fn new(
         store: Store,
+        writer: Writer,
         llm: LlmClient,
         config: Arc<Config>,
         metrics: Arc<Metrics>,
     ) -> Handler {
         Handler {
             store,
+            writer,
             llm,
             config,
             metrics,
@@ -238,14 +241,14 @@ impl Handler {
         let usage = completion
             .usage
             .map(|u| (u.prompt_tokens, u.completion_tokens));
-        let message_id = self.store.append_exchange(&Exchange {
-            tenant,
-            chat_id,
-            user: &message.content,
-            reply: &completion.content,
-            model: &completion.model,
+        let message_id = self.writer.append(Exchange {
+            tenant: tenant.to_string(),
+            chat_id: chat_id.to_string(),
+            user: message.content,
+            reply: completion.content.clone(),
+            model: completion.model.clone(),
             usage,
-            idempotency_key: key.as_deref(),
+            idempotency_key: key,
         })?;
         timings.store = Some(started.elapsed());
         let stored = StoredReply {

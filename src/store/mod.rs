@@ -69,21 +69,28 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// SQL for "now" in the API's timestamp format.
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%SZ', 'now')";
 
+mod writer;
+
+pub use writer::Writer;
+
 /// What can go wrong with the database.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreError {
     /// The database stayed locked by another writer for longer than the busy timeout.
     Busy,
+    /// The disk is full or read-only, or the file cannot be read or written.
+    Unavailable(String),
     /// The file is not a chatpool database, or one from a newer chatpool.
     Schema(String),
-    /// Any other SQLite failure (disk full, read-only, I/O, corruption).
-    Sqlite(rusqlite::Error),
+    /// Any other SQLite failure.
+    Sqlite(String),
 }
 
 impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             StoreError::Busy => write!(f, "the database is locked by another writer"),
+            StoreError::Unavailable(e) => write!(f, "the database cannot be used: {e}"),
             StoreError::Schema(why) => f.write_str(why),
             StoreError::Sqlite(e) => write!(f, "SQLite: {e}"),
         }
@@ -94,10 +101,13 @@ impl std::error::Error for StoreError {}
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
-        use rusqlite::ErrorCode::{DatabaseBusy, DatabaseLocked};
+        use rusqlite::ErrorCode::*;
         match e.sqlite_error_code() {
             Some(DatabaseBusy | DatabaseLocked) => StoreError::Busy,
-            _ => StoreError::Sqlite(e),
+            Some(DiskFull | ReadOnly | SystemIoFailure | CannotOpen | PermissionDenied) => {
+                StoreError::Unavailable(e.to_string())
+            }
+            _ => StoreError::Sqlite(e.to_string()),
         }
     }
 }
@@ -130,21 +140,21 @@ pub struct StoredReply {
 
 /// The exchange to store after the LLM answered.
 #[derive(Debug, Clone)]
-pub struct Exchange<'a> {
+pub struct Exchange {
     /// The tenant that owns the chat.
-    pub tenant: &'a str,
+    pub tenant: String,
     /// The chat it belongs to.
-    pub chat_id: &'a str,
+    pub chat_id: String,
     /// The user's message.
-    pub user: &'a str,
+    pub user: String,
     /// The LLM's reply.
-    pub reply: &'a str,
+    pub reply: String,
     /// The model that wrote it.
-    pub model: &'a str,
+    pub model: String,
     /// Prompt and completion tokens, when the LLM gave them.
     pub usage: Option<(u64, u64)>,
     /// The client's `Idempotency-Key`, if any.
-    pub idempotency_key: Option<&'a str>,
+    pub idempotency_key: Option<String>,
 }
 
 /// A page of a chat's history, oldest first.
@@ -287,54 +297,36 @@ impl Store {
         Ok(reply)
     }
 
-    /// Stores the user's message and the reply in one transaction; returns the reply's id.
-    pub fn append_exchange(&mut self, exchange: &Exchange<'_>) -> Result<i64, StoreError> {
-        let tx = self
+    /// Stores one exchange (the user's message and the reply together); returns the reply's id.
+    pub fn append_exchange(&mut self, exchange: &Exchange) -> Result<i64, StoreError> {
+        let mut results = self.append_batch(std::slice::from_ref(exchange))?;
+        results.pop().unwrap_or(Err(StoreError::Sqlite("nothing was written".into())))
+    }
+
+    /// Stores several exchanges in one transaction, each all-or-nothing on its own: one that
+    /// fails is rolled back to its savepoint and reported, the others still commit. Returns the
+    /// reply ids in order; the outer error means nothing was committed.
+    pub fn append_batch(
+        &mut self,
+        batch: &[Exchange],
+    ) -> Result<Vec<Result<i64, StoreError>>, StoreError> {
+        let mut tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let reply_id = {
-            let mut insert = tx.prepare_cached(&format!(
-                "INSERT INTO messages (tenant, chat_id, role, content, created_at, model,
-                                       prompt_tokens, completion_tokens, idempotency_key)
-                 VALUES (?1, ?2, ?3, ?4, {NOW}, ?5, ?6, ?7, ?8)"
-            ))?;
-            let (prompt, completion) = match exchange.usage {
-                Some((p, c)) => (Some(p as i64), Some(c as i64)),
-                None => (None, None),
-            };
-            let (tenant, chat_id) = (exchange.tenant, exchange.chat_id);
-            let none: Option<&str> = None;
-            let no_count: Option<i64> = None;
-            insert.execute(params![
-                tenant,
-                chat_id,
-                "user",
-                exchange.user,
-                none,
-                no_count,
-                no_count,
-                none
-            ])?;
-            insert.insert(params![
-                tenant,
-                chat_id,
-                "assistant",
-                exchange.reply,
-                exchange.model,
-                prompt,
-                completion,
-                exchange.idempotency_key
-            ])?
-        };
-        tx.prepare_cached(&format!(
-            "INSERT INTO chats (tenant, chat_id, created_at, updated_at, message_count, last_message_id)
-             VALUES (?1, ?2, {NOW}, {NOW}, 2, ?3)
-             ON CONFLICT (tenant, chat_id) DO UPDATE SET updated_at = excluded.updated_at,
-                 message_count = message_count + 2, last_message_id = excluded.last_message_id"
-        ))?
-        .execute(params![exchange.tenant, exchange.chat_id, reply_id])?;
+        let mut results = Vec::with_capacity(batch.len());
+        for exchange in batch {
+            let savepoint = tx.savepoint()?;
+            match insert_exchange(&savepoint, exchange) {
+                Ok(id) => {
+                    savepoint.commit()?;
+                    results.push(Ok(id));
+                }
+                // Dropping the savepoint rolls this exchange back.
+                Err(e) => results.push(Err(e)),
+            }
+        }
         tx.commit()?;
-        Ok(reply_id)
+        Ok(results)
     }
 
     /// Up to `limit` messages older than `before` (or the newest), oldest first; `None` when the
@@ -418,6 +410,40 @@ impl Store {
     }
 }
 
+fn insert_exchange(conn: &Connection, exchange: &Exchange) -> Result<i64, StoreError> {
+    let mut insert = conn.prepare_cached(&format!(
+        "INSERT INTO messages (tenant, chat_id, role, content, created_at, model,
+                               prompt_tokens, completion_tokens, idempotency_key)
+         VALUES (?1, ?2, ?3, ?4, {NOW}, ?5, ?6, ?7, ?8)"
+    ))?;
+    let (prompt, completion) = match exchange.usage {
+        Some((p, c)) => (Some(p as i64), Some(c as i64)),
+        None => (None, None),
+    };
+    let (tenant, chat_id) = (&exchange.tenant, &exchange.chat_id);
+    let none: Option<&str> = None;
+    let no_count: Option<i64> = None;
+    insert.execute(params![tenant, chat_id, "user", exchange.user, none, no_count, no_count, none])?;
+    let reply_id = insert.insert(params![
+        tenant,
+        chat_id,
+        "assistant",
+        exchange.reply,
+        exchange.model,
+        prompt,
+        completion,
+        exchange.idempotency_key
+    ])?;
+    conn.prepare_cached(&format!(
+        "INSERT INTO chats (tenant, chat_id, created_at, updated_at, message_count, last_message_id)
+         VALUES (?1, ?2, {NOW}, {NOW}, 2, ?3)
+         ON CONFLICT (tenant, chat_id) DO UPDATE SET updated_at = excluded.updated_at,
+             message_count = message_count + 2, last_message_id = excluded.last_message_id"
+    ))?
+    .execute(params![tenant, chat_id, reply_id])?;
+    Ok(reply_id)
+}
+
 fn message_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
     Ok(Message {
         id: r.get(0)?,
@@ -444,20 +470,15 @@ mod tests {
         (dir, store)
     }
 
-    fn exchange<'a>(
-        chat: &'a str,
-        user: &'a str,
-        reply: &'a str,
-        key: Option<&'a str>,
-    ) -> Exchange<'a> {
+    fn exchange(chat: &str, user: &str, reply: &str, key: Option<&str>) -> Exchange {
         Exchange {
-            tenant: DEFAULT_TENANT,
-            chat_id: chat,
-            user,
-            reply,
-            model: "m",
+            tenant: DEFAULT_TENANT.into(),
+            chat_id: chat.into(),
+            user: user.into(),
+            reply: reply.into(),
+            model: "m".into(),
             usage: Some((3, 4)),
-            idempotency_key: key,
+            idempotency_key: key.map(str::to_string),
         }
     }
 
@@ -567,6 +588,23 @@ mod tests {
     }
 
     #[test]
+    fn a_failing_exchange_in_a_batch_does_not_sink_the_others() {
+        let (_d, mut s) = temp_store();
+        s.append_exchange(&exchange("c", "u", "a", Some("k"))).unwrap();
+        let batch = [
+            exchange("d", "u1", "a1", None),
+            exchange("c", "dup", "dup", Some("k")),
+            exchange("e", "u2", "a2", None),
+        ];
+        let results = s.append_batch(&batch).unwrap();
+        assert!(results[0].is_ok() && results[2].is_ok());
+        assert!(matches!(results[1], Err(StoreError::Sqlite(_))));
+        assert_eq!(s.newest_messages(T, "c", 10).unwrap().len(), 2);
+        assert_eq!(s.newest_messages(T, "e", 10).unwrap().len(), 2);
+        assert_eq!(s.list_chats(T, 10).unwrap().len(), 3);
+    }
+
+    #[test]
     fn a_pre_auth_database_moves_into_the_default_tenant() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v1.db");
@@ -597,9 +635,9 @@ mod tests {
     fn the_same_chat_id_under_two_tenants_is_two_chats() {
         let (_d, mut s) = temp_store();
         let mut a = exchange("c", "from a", "to a", Some("k"));
-        a.tenant = "a";
+        a.tenant = "a".into();
         let mut b = exchange("c", "from b", "to b", Some("k"));
-        b.tenant = "b";
+        b.tenant = "b".into();
         s.append_exchange(&a).unwrap();
         s.append_exchange(&b).unwrap();
         assert_eq!(s.newest_messages("a", "c", 10).unwrap().len(), 2);

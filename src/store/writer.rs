@@ -1,0 +1,121 @@
+//! The group-commit writer: one thread that owns the only connection that stores exchanges.
+//!
+//! SQLite lets one transaction write at a time. Sixteen workers each opening their own write
+//! transaction would queue inside SQLite's busy handler, which sleeps in steps of milliseconds,
+//! and every commit would pay its own WAL append and checkpoint share. Instead a worker hands
+//! its exchange to this thread and waits: the thread takes every exchange waiting at that moment
+//! and commits them in one transaction, then wakes each worker with its own result. A worker
+//! still answers only after its exchange is committed, so a 200 still means stored.
+
+use super::{Exchange, Store, StoreError};
+use crate::config::Synchronous;
+use crossbeam_channel::{Receiver, Sender};
+use std::path::Path;
+use std::thread::{self, JoinHandle};
+
+/// Most exchanges committed in one transaction; bounds how long one commit can take.
+const MAX_BATCH: usize = 256;
+
+struct Pending {
+    exchange: Exchange,
+    done: Sender<Result<i64, StoreError>>,
+}
+
+/// A handle for storing exchanges; clone one per worker. The writer thread returns once every
+/// handle is dropped and what was handed to it is committed.
+#[derive(Clone)]
+pub struct Writer {
+    pending: Sender<Pending>,
+}
+
+impl Writer {
+    /// Opens the writer's connection and starts its thread, named `store-writer`.
+    pub fn start(path: &Path, sync: Synchronous) -> Result<(Writer, JoinHandle<()>), StoreError> {
+        let store = Store::open(path, sync)?;
+        let (pending, incoming) = crossbeam_channel::unbounded();
+        let thread = thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || run(store, incoming))
+            .map_err(|e| StoreError::Unavailable(format!("cannot start the writer thread: {e}")))?;
+        Ok((Writer { pending }, thread))
+    }
+
+    /// Stores the exchange and returns the reply's id once it is committed.
+    pub fn append(&self, exchange: Exchange) -> Result<i64, StoreError> {
+        let (done, result) = crossbeam_channel::bounded(1);
+        let gone = || StoreError::Unavailable("the writer thread has stopped".into());
+        self.pending.send(Pending { exchange, done }).map_err(|_| gone())?;
+        result.recv().map_err(|_| gone())?
+    }
+}
+
+fn run(mut store: Store, incoming: Receiver<Pending>) {
+    let mut exchanges = Vec::with_capacity(MAX_BATCH);
+    let mut waiting = Vec::with_capacity(MAX_BATCH);
+    while let Ok(first) = incoming.recv() {
+        for pending in std::iter::once(first).chain(incoming.try_iter().take(MAX_BATCH - 1)) {
+            exchanges.push(pending.exchange);
+            waiting.push(pending.done);
+        }
+        let outcome = store.append_batch(&exchanges);
+        exchanges.clear();
+        match outcome {
+            Ok(results) => {
+                for (done, result) in waiting.drain(..).zip(results) {
+                    let _ = done.send(result);
+                }
+            }
+            Err(e) => {
+                log::error!("storing {} exchanges failed: {e}", waiting.len());
+                for done in waiting.drain(..) {
+                    let _ = done.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::DEFAULT_TENANT;
+
+    #[test]
+    fn concurrent_appends_are_all_committed_with_distinct_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        let mut reader = Store::open_and_migrate(&path, Synchronous::Normal).unwrap();
+        let (writer, thread) = Writer::start(&path, Synchronous::Normal).unwrap();
+        let workers: Vec<_> = (0..8)
+            .map(|w| {
+                let writer = writer.clone();
+                std::thread::spawn(move || {
+                    (0..25)
+                        .map(|i| {
+                            writer
+                                .append(Exchange {
+                                    tenant: DEFAULT_TENANT.into(),
+                                    chat_id: format!("chat-{w}"),
+                                    user: format!("u{i}"),
+                                    reply: format!("a{i}"),
+                                    model: "m".into(),
+                                    usage: None,
+                                    idempotency_key: None,
+                                })
+                                .unwrap()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut ids: Vec<i64> = workers.into_iter().flat_map(|w| w.join().unwrap()).collect();
+        drop(writer);
+        thread.join().unwrap();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), 200);
+        let newest = reader.newest_messages(DEFAULT_TENANT, "chat-3", 100).unwrap();
+        assert_eq!(newest.len(), 50);
+        assert_eq!(newest[0].content, "a24");
+    }
+}
