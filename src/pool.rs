@@ -28,13 +28,16 @@ impl Pool {
         W: FnMut(J) + Send + 'static,
     {
         let (exit_tx, exited) = crossbeam_channel::bounded::<()>(0);
+        let (started_tx, started) = crossbeam_channel::unbounded::<()>();
         let mut handles = Vec::with_capacity(workers.len());
         for (index, mut work) in workers.into_iter().enumerate() {
             let jobs = jobs.clone();
             let exit_guard = exit_tx.clone();
+            let started_tx = started_tx.clone();
             let name = format!("worker-{index}");
             let handle = thread::Builder::new().name(name.clone()).spawn(move || {
                 let _exit_guard = exit_guard;
+                let _ = started_tx.send(());
                 for job in jobs.iter() {
                     if catch_unwind(AssertUnwindSafe(|| work(job))).is_err() {
                         log::error!("{name}: a job panicked; the worker carries on");
@@ -42,6 +45,11 @@ impl Pool {
                 }
             })?;
             handles.push(handle);
+        }
+        // A thread takes its name when it first runs; waiting for every worker to run means
+        // that once the server says it is ready, `ps -L` shows every worker by name.
+        for _ in 0..handles.len() {
+            let _ = started.recv();
         }
         Ok(Pool { handles, exited })
     }

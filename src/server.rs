@@ -17,7 +17,7 @@ use crate::config::{Config, ConfigError};
 use crate::llm::LlmClient;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
-use crate::store::{self, Store, StoreError, Writer};
+use crate::store::{self, Readers, Store, StoreError, Writer, MAX_READERS};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use serde_json::json;
 use std::fmt;
@@ -92,10 +92,8 @@ impl Server {
         let sync = config.storage.synchronous;
         let readiness = Store::open_and_migrate(path, sync).map_err(StartError::Store)?;
         let (writer, writer_thread) = Writer::start(path, sync).map_err(StartError::Store)?;
-        let stores = (0..workers)
-            .map(|_| Store::open(path, sync))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(StartError::Store)?;
+        let readers =
+            Readers::open(path, sync, workers.min(MAX_READERS)).map_err(StartError::Store)?;
 
         let http =
             tiny_http::Server::http(&config.server.listen).map_err(|e| StartError::Bind {
@@ -117,11 +115,10 @@ impl Server {
                 config.llm.base_url
             );
         }
-        let handlers: Vec<_> = stores
-            .into_iter()
-            .map(|store| {
+        let handlers: Vec<_> = (0..workers)
+            .map(|_| {
                 let mut handler = api::Handler::new(
-                    store,
+                    readers.clone(),
                     writer.clone(),
                     llm.clone(),
                     Arc::clone(&config),
@@ -152,10 +149,16 @@ impl Server {
             config: Arc::clone(&config),
             started: Instant::now(),
         };
+        let (running_tx, running) = crossbeam_channel::bounded(1);
         let acceptor = thread::Builder::new()
             .name("acceptor".into())
-            .spawn(move || acceptor.run())
+            .spawn(move || {
+                let _ = running_tx.send(());
+                acceptor.run()
+            })
             .map_err(StartError::Thread)?;
+        // As for the workers: once `start` returns, the acceptor is running under its name.
+        let _ = running.recv();
         Ok(Server {
             addr,
             http,

@@ -15,7 +15,7 @@ use crate::llm::prompt;
 use crate::llm::wire::Usage;
 use crate::llm::LlmClient;
 use crate::metrics::Metrics;
-use crate::store::{Exchange, Store, StoredReply, Writer};
+use crate::store::{Exchange, Readers, StoredReply, Writer};
 use serde_json::json;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
@@ -39,7 +39,7 @@ pub struct Job {
 
 /// A worker's resources for serving API requests.
 pub struct Handler {
-    store: Store,
+    readers: Readers,
     writer: Writer,
     llm: LlmClient,
     config: Arc<Config>,
@@ -69,16 +69,16 @@ impl Timings {
 }
 
 impl Handler {
-    /// A handler owning one read connection, a writer handle and one LLM client.
+    /// A handler sharing the read connections and the writer, with its own LLM client.
     pub fn new(
-        store: Store,
+        readers: Readers,
         writer: Writer,
         llm: LlmClient,
         config: Arc<Config>,
         metrics: Arc<Metrics>,
     ) -> Handler {
         Handler {
-            store,
+            readers,
             writer,
             llm,
             config,
@@ -166,7 +166,8 @@ impl Handler {
                 before,
             } => {
                 let page = self
-                    .store
+                    .readers
+                    .get()?
                     .page(tenant, chat_id, *limit, *before)?
                     .ok_or_else(|| no_such_chat(chat_id))?;
                 let messages: Vec<_> = page
@@ -181,7 +182,8 @@ impl Handler {
             }
             Route::ListChats { limit } => {
                 let chats: Vec<_> = self
-                    .store
+                    .readers
+                    .get()?
                     .list_chats(tenant, *limit)?
                     .into_iter()
                     .map(|c| {
@@ -192,7 +194,7 @@ impl Handler {
                 Ok(json_response(200, &json!({ "chats": chats })))
             }
             Route::DeleteChat { chat_id } => {
-                if self.store.delete_chat(tenant, chat_id)? {
+                if self.readers.get()?.delete_chat(tenant, chat_id)? {
                     Ok(tiny_http::Response::from_data(Vec::new()).with_status_code(204))
                 } else {
                     Err(no_such_chat(chat_id))
@@ -219,15 +221,17 @@ impl Handler {
         let history = &self.config.history;
 
         let started = Instant::now();
-        if let Some(key) = &key {
-            if let Some(stored) = self.store.find_reply(tenant, chat_id, key)? {
-                timings.history = Some(started.elapsed());
-                return Ok(reply_response(chat_id, stored, timings));
+        // The connection goes back before the LLM call: it is never held across the network.
+        let newest = {
+            let mut store = self.readers.get()?;
+            if let Some(key) = &key {
+                if let Some(stored) = store.find_reply(tenant, chat_id, key)? {
+                    timings.history = Some(started.elapsed());
+                    return Ok(reply_response(chat_id, stored, timings));
+                }
             }
-        }
-        let newest = self
-            .store
-            .newest_messages(tenant, chat_id, history.max_messages)?;
+            store.newest_messages(tenant, chat_id, history.max_messages)?
+        };
         let window = prompt::window(newest, history.max_chars);
         let messages = prompt::assemble(&history.system_prompt, &window, &message.content);
         timings.history = Some(started.elapsed());

@@ -69,8 +69,10 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// SQL for "now" in the API's timestamp format.
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%SZ', 'now')";
 
+mod readers;
 mod writer;
 
+pub use readers::{Reader, Readers, MAX_READERS};
 pub use writer::Writer;
 
 /// What can go wrong with the database.
@@ -299,34 +301,35 @@ impl Store {
 
     /// Stores one exchange (the user's message and the reply together); returns the reply's id.
     pub fn append_exchange(&mut self, exchange: &Exchange) -> Result<i64, StoreError> {
-        let mut results = self.append_batch(std::slice::from_ref(exchange))?;
-        results.pop().unwrap_or(Err(StoreError::Sqlite("nothing was written".into())))
+        let ids = self.commit_all(std::slice::from_ref(exchange))?;
+        ids.first()
+            .copied()
+            .ok_or_else(|| StoreError::Sqlite("nothing was written".into()))
     }
 
-    /// Stores several exchanges in one transaction, each all-or-nothing on its own: one that
-    /// fails is rolled back to its savepoint and reported, the others still commit. Returns the
-    /// reply ids in order; the outer error means nothing was committed.
-    pub fn append_batch(
-        &mut self,
-        batch: &[Exchange],
-    ) -> Result<Vec<Result<i64, StoreError>>, StoreError> {
-        let mut tx = self
+    /// Stores several exchanges in one transaction and returns each one's reply id, in order.
+    /// Should one exchange be refused (a constraint, not the database as a whole), the batch is
+    /// rolled back and each exchange stored on its own, so one bad exchange costs only itself.
+    pub fn append_batch(&mut self, batch: &[Exchange]) -> Vec<Result<i64, StoreError>> {
+        match self.commit_all(batch) {
+            Ok(ids) => ids.into_iter().map(Ok).collect(),
+            Err(StoreError::Sqlite(_)) if batch.len() > 1 => {
+                batch.iter().map(|e| self.append_exchange(e)).collect()
+            }
+            Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
+        }
+    }
+
+    fn commit_all(&mut self, batch: &[Exchange]) -> Result<Vec<i64>, StoreError> {
+        let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let mut results = Vec::with_capacity(batch.len());
-        for exchange in batch {
-            let savepoint = tx.savepoint()?;
-            match insert_exchange(&savepoint, exchange) {
-                Ok(id) => {
-                    savepoint.commit()?;
-                    results.push(Ok(id));
-                }
-                // Dropping the savepoint rolls this exchange back.
-                Err(e) => results.push(Err(e)),
-            }
-        }
+        let ids = batch
+            .iter()
+            .map(|exchange| insert_exchange(&tx, exchange))
+            .collect::<Result<Vec<_>, _>>()?;
         tx.commit()?;
-        Ok(results)
+        Ok(ids)
     }
 
     /// Up to `limit` messages older than `before` (or the newest), oldest first; `None` when the
@@ -423,7 +426,16 @@ fn insert_exchange(conn: &Connection, exchange: &Exchange) -> Result<i64, StoreE
     let (tenant, chat_id) = (&exchange.tenant, &exchange.chat_id);
     let none: Option<&str> = None;
     let no_count: Option<i64> = None;
-    insert.execute(params![tenant, chat_id, "user", exchange.user, none, no_count, no_count, none])?;
+    insert.execute(params![
+        tenant,
+        chat_id,
+        "user",
+        exchange.user,
+        none,
+        no_count,
+        no_count,
+        none
+    ])?;
     let reply_id = insert.insert(params![
         tenant,
         chat_id,
@@ -590,13 +602,14 @@ mod tests {
     #[test]
     fn a_failing_exchange_in_a_batch_does_not_sink_the_others() {
         let (_d, mut s) = temp_store();
-        s.append_exchange(&exchange("c", "u", "a", Some("k"))).unwrap();
+        s.append_exchange(&exchange("c", "u", "a", Some("k")))
+            .unwrap();
         let batch = [
             exchange("d", "u1", "a1", None),
             exchange("c", "dup", "dup", Some("k")),
             exchange("e", "u2", "a2", None),
         ];
-        let results = s.append_batch(&batch).unwrap();
+        let results = s.append_batch(&batch);
         assert!(results[0].is_ok() && results[2].is_ok());
         assert!(matches!(results[1], Err(StoreError::Sqlite(_))));
         assert_eq!(s.newest_messages(T, "c", 10).unwrap().len(), 2);

@@ -1,0 +1,97 @@
+//! The read connections: a small fixed set shared by every worker.
+//!
+//! A SQLite connection costs about 90 KB once it has read the schema, so a connection per
+//! worker would cost 90 MB at 1,024 workers before serving anything. Reads are short and never
+//! wait on the network, so a worker borrows a connection for one read and gives it back; with
+//! as many connections as a read ever runs in parallel, borrowing almost never waits.
+
+use super::{Store, StoreError};
+use crate::config::Synchronous;
+use crossbeam_channel::{Receiver, Sender};
+use std::mem::ManuallyDrop;
+use std::ops::{Deref, DerefMut};
+use std::path::Path;
+
+/// Most read connections, whatever the pool size: more than the cores can use at once.
+pub const MAX_READERS: usize = 16;
+
+/// A fixed set of connections to borrow from.
+#[derive(Clone)]
+pub struct Readers {
+    idle: Receiver<Store>,
+    returns: Sender<Store>,
+}
+
+/// A borrowed connection, returned when dropped.
+pub struct Reader {
+    store: ManuallyDrop<Store>,
+    returns: Sender<Store>,
+}
+
+impl Readers {
+    /// Opens `count` connections to a migrated database.
+    pub fn open(path: &Path, sync: Synchronous, count: usize) -> Result<Readers, StoreError> {
+        let (returns, idle) = crossbeam_channel::bounded(count);
+        for _ in 0..count {
+            // Cannot fail: the channel has room for every connection and both ends are here.
+            let _ = returns.send(Store::open(path, sync)?);
+        }
+        Ok(Readers { idle, returns })
+    }
+
+    /// Borrows a connection, waiting while all are in use.
+    pub fn get(&self) -> Result<Reader, StoreError> {
+        let store = self
+            .idle
+            .recv()
+            .map_err(|_| StoreError::Unavailable("no read connection is left".into()))?;
+        Ok(Reader {
+            store: ManuallyDrop::new(store),
+            returns: self.returns.clone(),
+        })
+    }
+}
+
+impl Deref for Reader {
+    type Target = Store;
+
+    fn deref(&self) -> &Store {
+        &self.store
+    }
+}
+
+impl DerefMut for Reader {
+    fn deref_mut(&mut self) -> &mut Store {
+        &mut self.store
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        // SAFETY: `store` is taken exactly once, here, and never used again.
+        let store = unsafe { ManuallyDrop::take(&mut self.store) };
+        // The channel has room for every connection, so this cannot block; if the pool itself
+        // is gone the connection just closes.
+        let _ = self.returns.send(store);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_borrowed_connection_comes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        Store::open_and_migrate(&path, Synchronous::Normal).unwrap();
+        let readers = Readers::open(&path, Synchronous::Normal, 1).unwrap();
+        {
+            let mut reader = readers.get().unwrap();
+            assert!(reader.check_readable().is_ok());
+            assert!(readers.idle.is_empty());
+        }
+        assert_eq!(readers.idle.len(), 1);
+        assert!(readers.get().is_ok());
+    }
+}
