@@ -66,6 +66,12 @@ pub const DEFAULT_TENANT: &str = "default";
 /// How long a statement waits for another connection's write lock before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How much of the database file reads may map into memory.
+const MMAP_BYTES: u64 = 1 << 30;
+
+/// The step in which the database file grows; see [`Store::grow_in_chunks`].
+const GROWTH_CHUNK: std::ffi::c_int = 32 << 20;
+
 /// SQL for "now" in the API's timestamp format.
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%SZ', 'now')";
 
@@ -215,7 +221,11 @@ impl Store {
             Synchronous::Normal => "NORMAL",
             Synchronous::Full => "FULL",
         };
-        conn.execute_batch(&format!("PRAGMA synchronous = {sync};"))?;
+        // Reads through a memory map skip a system call per page; the map is the OS's page
+        // cache, shared by every connection, not memory of ours.
+        conn.execute_batch(&format!(
+            "PRAGMA synchronous = {sync}; PRAGMA mmap_size = {MMAP_BYTES};"
+        ))?;
         conn.set_prepared_statement_cache_capacity(32);
         Ok(Store { conn })
     }
@@ -402,6 +412,45 @@ impl Store {
             .execute(params![tenant, chat_id])?;
         tx.commit()?;
         Ok(deleted > 0)
+    }
+
+    /// Copies what the WAL holds into the database file without blocking readers or the writer,
+    /// and restarts the WAL when nothing still reads from it.
+    pub fn checkpoint(&mut self) -> Result<(), StoreError> {
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+        Ok(())
+    }
+
+    /// Makes the database file grow in [`GROWTH_CHUNK`] steps. Readers map the file into
+    /// memory, and every change of its size makes each of them map it again; growing a page at
+    /// a time would have them re-map on nearly every read.
+    fn grow_in_chunks(&mut self) -> Result<(), StoreError> {
+        let mut chunk: std::ffi::c_int = GROWTH_CHUNK;
+        // SAFETY: the handle is this connection's, alive for the call; SQLITE_FCNTL_CHUNK_SIZE
+        // reads one int through the pointer, which points at `chunk` for the whole call.
+        let rc = unsafe {
+            rusqlite::ffi::sqlite3_file_control(
+                self.conn.handle(),
+                c"main".as_ptr(),
+                rusqlite::ffi::SQLITE_FCNTL_CHUNK_SIZE,
+                (&mut chunk as *mut std::ffi::c_int).cast(),
+            )
+        };
+        if rc == rusqlite::ffi::SQLITE_OK {
+            Ok(())
+        } else {
+            Err(StoreError::Sqlite(format!(
+                "cannot set the file's growth step (code {rc})"
+            )))
+        }
+    }
+
+    /// Stops this connection from checkpointing when it commits; see [`Writer`].
+    fn disable_autocheckpoint(&mut self) -> Result<(), StoreError> {
+        self.conn
+            .query_row("PRAGMA wal_autocheckpoint = 0", [], |_| Ok(()))?;
+        Ok(())
     }
 
     /// Whether the database answers a read, for `/readyz`.

@@ -6,15 +6,24 @@
 //! its exchange to this thread and waits: the thread takes every exchange waiting at that moment
 //! and commits them in one transaction, then wakes each worker with its own result. A worker
 //! still answers only after its exchange is committed, so a 200 still means stored.
+//!
+//! Checkpoints (copying the WAL back into the database file, with an fsync) are taken off this
+//! path: a second thread, `store-checkpoint`, runs them every [`CHECKPOINT_EVERY`] on its own
+//! connection, which SQLite lets proceed beside the writer. Left to SQLite, the commit that
+//! crosses the WAL's size threshold would run the checkpoint itself and every worker waiting on
+//! that batch would wait for the disk too.
 
 use super::{Exchange, Store, StoreError};
 use crate::config::Synchronous;
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::path::Path;
 use std::thread::{self, JoinHandle};
+use std::time::Duration;
 
 /// Most exchanges committed in one transaction; bounds how long one commit can take.
 const MAX_BATCH: usize = 256;
+/// How often the checkpoint thread copies the WAL into the database file.
+pub const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
 struct Pending {
     exchange: Exchange,
@@ -29,14 +38,31 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Opens the writer's connection and starts its thread, named `store-writer`.
+    /// Opens the writer's and the checkpointer's connections and starts their threads. The
+    /// handle returned joins both: the writer once every [`Writer`] is dropped, then the
+    /// checkpointer after a last checkpoint.
     pub fn start(path: &Path, sync: Synchronous) -> Result<(Writer, JoinHandle<()>), StoreError> {
-        let store = Store::open(path, sync)?;
+        let mut store = Store::open(path, sync)?;
+        store.disable_autocheckpoint()?;
+        store.grow_in_chunks()?;
+        let mut checkpointer = Store::open(path, sync)?;
+        checkpointer.grow_in_chunks()?;
         let (pending, incoming) = crossbeam_channel::unbounded();
+        let (stop_tx, stop) = crossbeam_channel::bounded::<()>(0);
+        let spawn_error =
+            |e: std::io::Error| StoreError::Unavailable(format!("cannot start a thread: {e}"));
+        let checkpoints = thread::Builder::new()
+            .name("store-checkpoint".into())
+            .spawn(move || checkpoint_until_stopped(checkpointer, stop))
+            .map_err(spawn_error)?;
         let thread = thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || run(store, incoming))
-            .map_err(|e| StoreError::Unavailable(format!("cannot start the writer thread: {e}")))?;
+            .spawn(move || {
+                run(store, incoming);
+                drop(stop_tx);
+                let _ = checkpoints.join();
+            })
+            .map_err(spawn_error)?;
         Ok((Writer { pending }, thread))
     }
 
@@ -64,6 +90,21 @@ fn run(mut store: Store, incoming: Receiver<Pending>) {
         for (done, result) in waiting.drain(..).zip(results) {
             // A worker that is gone (its thread panicked) no longer needs the answer.
             let _ = done.send(result);
+        }
+    }
+}
+
+fn checkpoint_until_stopped(mut store: Store, stop: Receiver<()>) {
+    loop {
+        let stopping = matches!(
+            stop.recv_timeout(CHECKPOINT_EVERY),
+            Err(RecvTimeoutError::Disconnected)
+        );
+        if let Err(e) = store.checkpoint() {
+            log::warn!("checkpoint failed (the WAL keeps growing until one succeeds): {e}");
+        }
+        if stopping {
+            return;
         }
     }
 }
