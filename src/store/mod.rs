@@ -70,7 +70,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 const MMAP_BYTES: u64 = 1 << 30;
 
 /// The step in which the database file grows; see [`Store::grow_in_chunks`].
-const GROWTH_CHUNK: std::ffi::c_int = 32 << 20;
+const GROWTH_CHUNK: std::ffi::c_int = 8 << 20;
 
 /// SQL for "now" in the API's timestamp format.
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%SZ', 'now')";

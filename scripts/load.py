@@ -1,0 +1,272 @@
+#!/usr/bin/env python3
+"""chatpool's load benchmark: one command, every scenario, numbers you can compare.
+
+For each scenario it starts `chatpool mock-llm` with the scenario's latency and chatpool with its
+workers on a fresh temp database (both on free loopback ports), warms up, drives chatpool with wrk
+(scripts/load.lua) and samples chatpool's RSS and CPU from /proc. It prints one row per scenario
+and writes the same as JSON to target/load/. Standard library only.
+
+    scripts/load.py                       # build release, run every scenario (~2 minutes)
+    scripts/load.py littles_law overload  # some scenarios
+    scripts/load.py --duration 5 --bin target/release/chatpool overhead
+"""
+
+import argparse
+import http.client
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LUA = os.path.join(ROOT, "scripts", "load.lua")
+
+# name: (upstream latency ms, workers, [connections per phase], chats, prefilled exchanges/chat)
+SCENARIOS = {
+    "overhead": (0, 16, [64], 10000, 0),
+    "history": (0, 16, [64], 128, 100),
+    "littles_law": (100, 64, [64, 256], 10000, 0),
+    "overload": (200, 8, [512], 10000, 0),
+    "scale": (1000, 1024, [1024], 10000, 0),
+}
+QUEUE_CAPACITY = 64
+PAGE = os.sysconf("SC_PAGE_SIZE")
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def log(*args):
+    print(*args, file=sys.stderr, flush=True)
+
+
+def ensure_wrk():
+    if shutil.which("wrk"):
+        return
+    log("load: wrk is missing; installing Debian's package")
+    if os.geteuid() != 0:
+        sys.exit("load: install wrk first (apt-get install wrk)")
+    subprocess.run(["apt-get", "update", "-q"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["apt-get", "install", "-y", "-q", "wrk"], check=True, stdout=subprocess.DEVNULL)
+
+
+class Proc:
+    """A child in its own process group, its address read from its ready line on stderr."""
+
+    def __init__(self, args, marker, log_path):
+        self.log = open(log_path, "w")
+        self.p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.addr = None
+        deadline = time.time() + 60
+        for line in self.p.stderr:
+            self.log.write(line)
+            if marker in line:
+                self.addr = line.split(marker, 1)[1].split()[0].split("/")[0]
+                break
+            if time.time() > deadline:
+                break
+        if not self.addr:
+            self.stop()
+            sys.exit(f"load: {args[0]} did not start; see {log_path}")
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self):
+        for line in self.p.stderr:
+            self.log.write(line)
+
+    def stop(self):
+        if self.p.poll() is None:
+            os.killpg(self.p.pid, signal.SIGTERM)
+            try:
+                self.p.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.p.pid, signal.SIGKILL)
+                self.p.wait()
+        self.log.close()
+
+
+class Sampler(threading.Thread):
+    """Peak RSS and CPU seconds of one process, from /proc, every 100 ms."""
+
+    def __init__(self, pid):
+        super().__init__(daemon=True)
+        self.pid, self.peak_rss, self.running = pid, 0, True
+        self.cpu_start = self.cpu()
+
+    def cpu(self):
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICKS
+
+    def rss(self):
+        with open(f"/proc/{self.pid}/statm") as f:
+            return int(f.read().split()[1]) * PAGE
+
+    def run(self):
+        while self.running:
+            self.peak_rss = max(self.peak_rss, self.rss())
+            time.sleep(0.1)
+
+    def finish(self):
+        self.running = False
+        self.join()
+        return self.peak_rss, self.cpu() - self.cpu_start
+
+
+def post(addr, chat, content):
+    conn = http.client.HTTPConnection(addr, timeout=30)
+    body = json.dumps({"content": content})
+    for _ in range(100):
+        conn.request("POST", f"/v1/chats/{chat}/messages", body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        response.read()
+        if response.status == 200:
+            return
+        time.sleep(0.05)
+    sys.exit(f"load: prefill of {chat} kept failing with {response.status}")
+
+
+def prefill(addr, chats, exchanges):
+    """Long histories, written through the API: each chat in order, 16 chats at a time."""
+    def fill(k):
+        for n in range(exchanges):
+            post(addr, f"load-{k}", f"Earlier message number {n} of this chat, with some words in it.")
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(fill, range(chats)))
+
+
+def wrk(addr, connections, seconds, chats, out_dir=None):
+    env = dict(os.environ, LOAD_CHATS=str(chats), LOAD_THREADS="2")
+    if out_dir:
+        env["LOAD_OUT"] = out_dir
+    args = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--timeout", "30s", "-s", LUA, f"http://{addr}"]
+    subprocess.run(args, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def percentile(sorted_values, p):
+    if not sorted_values:
+        return None
+    return sorted_values[min(len(sorted_values) - 1, int(round(p / 100 * (len(sorted_values) - 1))))]
+
+
+def read_latencies(out_dir):
+    by_status = {}
+    for name in os.listdir(out_dir):
+        with open(os.path.join(out_dir, name)) as f:
+            for line in f:
+                status, micros = line.split("\t")
+                by_status.setdefault(int(status), []).append(int(micros) / 1000)
+    return {s: sorted(v) for s, v in by_status.items()}
+
+
+def run_phase(binary, name, connections, args, work):
+    latency, workers, _, chats, exchanges = SCENARIOS[name]
+    mock = Proc([binary, "mock-llm", "--listen", "127.0.0.1:0", "--latency-ms", str(latency)],
+                "listening on http://", os.path.join(work, "mock.log"))
+    config = os.path.join(work, "config.toml")
+    with open(config, "w") as f:
+        f.write(f'[server]\nlisten = "127.0.0.1:0"\nmax_concurrent_requests = {workers}\n'
+                f'queue_capacity = {QUEUE_CAPACITY}\nshutdown_grace_secs = 5\n\n'
+                f'[storage]\npath = "{os.path.join(work, "chat.db")}"\n\n'
+                f'[llm]\nprovider = "openai"\nbase_url = "http://{mock.addr}/v1"\n'
+                f'api_key_env = "LOAD_NO_KEY"\nrequest_timeout_ms = 30000\n')
+    server = Proc([binary, "--config", config], "listening on http://", os.path.join(work, "chatpool.log"))
+    try:
+        if exchanges:
+            log(f"load: {name}: prefilling {chats} chats with {exchanges} exchanges each")
+            prefill(server.addr, chats, exchanges)
+        if args.warmup:
+            wrk(server.addr, min(connections, workers), args.warmup, chats)
+            time.sleep(1)
+        out_dir = os.path.join(work, f"lat-{connections}")
+        os.mkdir(out_dir)
+        sampler = Sampler(server.p.pid)
+        sampler.start()
+        started = time.time()
+        wrk(server.addr, connections, args.duration, chats, out_dir)
+        elapsed = time.time() - started
+        peak_rss, cpu = sampler.finish()
+    finally:
+        server.stop()
+        mock.stop()
+    by_status = read_latencies(out_dir)
+    ok = sorted(v for s, vals in by_status.items() if 200 <= s < 300 for v in vals)
+    total = sum(len(v) for v in by_status.values())
+    row = {
+        "scenario": name, "connections": connections, "workers": workers,
+        "queue_capacity": QUEUE_CAPACITY, "upstream_latency_ms": latency,
+        "duration_s": round(elapsed, 2),
+        "rps_2xx": round(len(ok) / elapsed, 1),
+        "latency_2xx_ms": {p: percentile(ok, q) for p, q in
+                           (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))},
+        "non_2xx": {str(s): len(v) for s, v in by_status.items() if not 200 <= s < 300},
+        "p99_503_ms": percentile(by_status.get(503, []), 99),
+        "peak_rss_mb": round(peak_rss / 2**20, 1),
+        "cpu_s_per_1000": round(cpu / total * 1000, 3) if total else None,
+    }
+    if latency:
+        row["efficiency"] = round(len(ok) / elapsed / (workers / (latency / 1000)), 3)
+    return row
+
+
+def fmt(v, digits=1):
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def print_rows(rows):
+    head = (f"{'scenario':<12} {'conns':>5} {'2xx/s':>8} {'p50':>7} {'p90':>7} {'p99':>7} {'max':>8} "
+            f"{'non-2xx':<18} {'503 p99':>7} {'RSS MB':>6} {'cpu s/1k':>8} {'eff':>6}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        lat = r["latency_2xx_ms"]
+        non2xx = ",".join(f"{s}:{n}" for s, n in sorted(r["non_2xx"].items())) or "0"
+        print(f"{r['scenario']:<12} {r['connections']:>5} {r['rps_2xx']:>8.1f} {fmt(lat['p50']):>7} "
+              f"{fmt(lat['p90']):>7} {fmt(lat['p99']):>7} {fmt(lat['max']):>8} {non2xx:<18} "
+              f"{fmt(r['p99_503_ms']):>7} {r['peak_rss_mb']:>6.1f} {fmt(r['cpu_s_per_1000'], 3):>8} "
+              f"{fmt(r.get('efficiency'), 3):>6}")
+    print("latency in ms over 2xx responses; 503 p99: how fast shed requests were answered; "
+          "cpu s/1k: chatpool's CPU seconds per 1,000 responses; eff: 2xx/s over workers/latency")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("scenarios", nargs="*", metavar="SCENARIO",
+                        help=f"any of {', '.join(SCENARIOS)} (default: all)")
+    parser.add_argument("--bin", help="chatpool binary (default: build target/release/chatpool)")
+    parser.add_argument("--duration", type=int, default=15, help="seconds per measured phase (15)")
+    parser.add_argument("--warmup", type=int, default=3, help="seconds of warm-up, 0 for none (3)")
+    args = parser.parse_args()
+    names = args.scenarios or list(SCENARIOS)
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenario {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
+    ensure_wrk()
+    binary = args.bin
+    if not binary:
+        subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
+        binary = os.path.join(ROOT, "target", "release", "chatpool")
+    binary = os.path.abspath(binary)
+    rows = []
+    for name in names:
+        for connections in SCENARIOS[name][2]:
+            with tempfile.TemporaryDirectory(prefix="chatpool-load-") as work:
+                log(f"load: {name}, {connections} connections, {args.duration} s")
+                rows.append(run_phase(binary, name, connections, args, work))
+    print_rows(rows)
+    out_dir = os.path.join(ROOT, "target", "load")
+    os.makedirs(out_dir, exist_ok=True)
+    out = os.path.join(out_dir, time.strftime("%Y%m%d-%H%M%S") + ".json")
+    with open(out, "w") as f:
+        json.dump({"binary": binary, "rows": rows}, f, indent=1)
+    print(f"results: {out}")
+
+
+if __name__ == "__main__":
+    main()
