@@ -143,6 +143,10 @@ pub struct LlmConfig {
     pub max_retries: u32,
     /// Provider mock only; default 0.
     pub mock_latency_ms: u64,
+    /// Consecutive failed calls that pause calling the LLM (0: never pause); default 5.
+    pub breaker_failures: u32,
+    /// How long calls stay paused before one probe is let through; default 10000.
+    pub breaker_cooldown_ms: u64,
 }
 
 impl Default for LlmConfig {
@@ -156,6 +160,8 @@ impl Default for LlmConfig {
             request_timeout_ms: 120_000,
             max_retries: 2,
             mock_latency_ms: 0,
+            breaker_failures: 5,
+            breaker_cooldown_ms: 10_000,
         }
     }
 }

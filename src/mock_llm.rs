@@ -1,90 +1,206 @@
 //! `chatpool mock-llm`: an OpenAI-compatible fake LLM over real HTTP, for tests, load and demos.
 //!
-//! A few threads take requests from tiny_http and build the answer at once; an answer that
-//! must wait (latency, jitter) goes to one timer thread that sends it when due. Waiting
-//! requests therefore cost memory, not threads, so the mock can hold a thousand slow calls.
+//! It speaks just enough HTTP/1.1 itself, on plain sockets, because faults are about
+//! connections: a reset, a hang or a slow drip of bytes cannot be staged through a server
+//! library that owns the socket. Each connection gets its own thread, which is fine for a test
+//! tool and lets a thousand slow calls wait at once. The answers come from
+//! [`crate::llm::mock::reply`], so they are predictable from the request.
 
 use crate::llm::mock;
 use crate::llm::wire::ChatMessage;
-use crossbeam_channel::{Receiver, RecvTimeoutError};
 use serde::Deserialize;
 use serde_json::json;
-use std::cmp::Ordering;
-use std::collections::BinaryHeap;
-use std::io::{Cursor, Read};
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
+
+/// A fault `mock-llm` can inject into its answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Fault {
+    /// Answer with the HTTP status `--fault-status` (and `--retry-after`, if given).
+    Error,
+    /// Never answer; keep the connection open.
+    Hang,
+    /// Close the connection without answering.
+    Reset,
+    /// Answer 200 with a body that is not a chat completion.
+    Malformed,
+    /// Answer correctly, one byte every `--drip-ms`.
+    Drip,
+}
 
 /// Options of `chatpool mock-llm`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct MockOptions {
-    /// Address to listen on (port 0 picks a free one).
+    /// Address to listen on (port 0 picks a free one)
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8090")]
     pub listen: String,
-    /// Fixed delay before every answer.
+    /// Fixed delay before every answer
     #[arg(long, value_name = "MS", default_value_t = 0)]
     pub latency_ms: u64,
-    /// Extra random delay, uniform from 0 to this, added to the latency.
+    /// Extra random delay, uniform from 0 to this, added to the latency
     #[arg(long, value_name = "MS", default_value_t = 0)]
     pub jitter_ms: u64,
-    /// Words appended to every reply, for longer answers.
+    /// Words appended to every reply, for longer answers
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub reply_words: usize,
-    /// Threads that read requests and build answers.
-    #[arg(long, value_name = "N", default_value_t = 4)]
-    pub threads: usize,
+    /// Fault to inject into completions
+    #[arg(long, value_enum, value_name = "KIND")]
+    pub fault: Option<Fault>,
+    /// Share of completions that get the fault, from 0 to 1
+    #[arg(long, value_name = "P", default_value_t = 1.0)]
+    pub fault_rate: f64,
+    /// Inject the fault only into the first N completions, then answer normally (0: no limit)
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub fault_first: u64,
+    /// HTTP status of `--fault error` answers
+    #[arg(long, value_name = "STATUS", default_value_t = 500)]
+    pub fault_status: u16,
+    /// Retry-After header, in seconds, on `--fault error` answers
+    #[arg(long, value_name = "SECS")]
+    pub retry_after: Option<u64>,
+    /// Gap between bytes for `--fault drip`
+    #[arg(long, value_name = "MS", default_value_t = 50)]
+    pub drip_ms: u64,
+    /// Streamed replies: number of chunks (0: one per word)
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub chunks: usize,
+    /// Streamed replies: delay before each chunk after the first
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    pub chunk_gap_ms: u64,
+    /// Streamed replies: break the connection after sending this many chunks
+    #[arg(long, value_name = "K")]
+    pub fail_after_chunk: Option<usize>,
 }
 
-type Response = tiny_http::Response<Cursor<Vec<u8>>>;
+/// How long a hanging answer waits before the connection is dropped anyway.
+const HANG: Duration = Duration::from_secs(600);
+/// Largest request body read.
+const MAX_BODY: usize = 16 << 20;
+
+/// What the mock has seen, for `GET /stats`.
+#[derive(Default)]
+struct Stats {
+    completions: AtomicU64,
+    disconnects: AtomicU64,
+}
+
+struct Mock {
+    options: MockOptions,
+    stats: Stats,
+}
 
 /// Serves until the process is killed; returns only when it cannot start.
 pub fn run(options: MockOptions) -> Result<(), String> {
-    let server = tiny_http::Server::http(&options.listen)
+    let listener = TcpListener::bind(&options.listen)
         .map_err(|e| format!("cannot listen on {}: {e}", options.listen))?;
-    let addr = server.server_addr().to_ip().ok_or("not an IP address")?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
     log::info!(
-        "mock-llm listening on http://{addr}/v1 (latency {} ms, jitter {} ms)",
+        "mock-llm listening on http://{addr}/v1 (latency {} ms, jitter {} ms, fault {:?})",
         options.latency_ms,
-        options.jitter_ms
+        options.jitter_ms,
+        options.fault
     );
-    let server = Arc::new(server);
-    let (delayed_tx, delayed_rx) = crossbeam_channel::unbounded();
-    thread::Builder::new()
-        .name("mock-timer".into())
-        .spawn(move || timer(delayed_rx))
-        .map_err(|e| e.to_string())?;
-    let mut handles = Vec::new();
-    for i in 0..options.threads.max(1) {
-        let server = Arc::clone(&server);
-        let delayed_tx = delayed_tx.clone();
-        let options = options.clone();
-        let handle = thread::Builder::new()
-            .name(format!("mock-http-{i}"))
-            .spawn(move || loop {
-                let Ok(mut request) = server.recv() else {
-                    continue;
-                };
-                let response = answer(&mut request, &options);
-                let delay =
-                    Duration::from_millis(options.latency_ms + fastrand::u64(..=options.jitter_ms));
-                if delay.is_zero() {
-                    let _ = request.respond(response);
-                } else {
-                    let _ = delayed_tx.send(Delayed {
-                        due: Instant::now() + delay,
-                        request,
-                        response,
-                    });
-                }
-            })
-            .map_err(|e| e.to_string())?;
-        handles.push(handle);
-    }
-    for handle in handles {
-        let _ = handle.join();
+    let mock = Arc::new(Mock {
+        options,
+        stats: Stats::default(),
+    });
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let mock = Arc::clone(&mock);
+        let spawned = thread::Builder::new()
+            .name("mock-conn".into())
+            .spawn(move || mock.serve(stream));
+        if let Err(e) = spawned {
+            log::warn!("mock-llm: cannot start a connection thread: {e}");
+        }
     }
     Ok(())
+}
+
+/// One parsed request.
+struct Request {
+    method: String,
+    path: String,
+    body: Vec<u8>,
+    close: bool,
+}
+
+/// Reads one request; `None` when the client closed the connection.
+fn read_request(reader: &mut impl BufRead) -> io::Result<Option<Request>> {
+    let mut line = String::new();
+    if reader.read_line(&mut line)? == 0 {
+        return Ok(None);
+    }
+    let mut parts = line.split_whitespace();
+    let (method, path) = (
+        parts.next().unwrap_or("").to_string(),
+        parts.next().unwrap_or("").to_string(),
+    );
+    let mut length = 0usize;
+    let mut close = false;
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(None);
+        }
+        let header = line.trim_end();
+        if header.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':') {
+            let name = name.trim();
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse().unwrap_or(0);
+            } else if name.eq_ignore_ascii_case("connection") {
+                close = value.trim().eq_ignore_ascii_case("close");
+            }
+        }
+    }
+    if length > MAX_BODY {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "body too large"));
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body)?;
+    Ok(Some(Request {
+        method,
+        path,
+        body,
+        close,
+    }))
+}
+
+fn head(status: u16, content_type: &str, length: Option<usize>, extra: &str) -> String {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        429 => "Too Many Requests",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        _ => "Status",
+    };
+    let length = match length {
+        Some(n) => format!("Content-Length: {n}\r\n"),
+        None => "Connection: close\r\n".to_string(),
+    };
+    format!("HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n{length}{extra}\r\n")
+}
+
+fn write_json(
+    out: &mut impl Write,
+    status: u16,
+    body: &serde_json::Value,
+    extra: &str,
+) -> io::Result<()> {
+    let bytes = body.to_string();
+    out.write_all(head(status, "application/json", Some(bytes.len()), extra).as_bytes())?;
+    out.write_all(bytes.as_bytes())?;
+    out.flush()
 }
 
 #[derive(Deserialize)]
@@ -95,118 +211,190 @@ struct CompletionBody {
     stream: bool,
 }
 
-fn answer(request: &mut tiny_http::Request, options: &MockOptions) -> Response {
-    let url = request.url().split('?').next().unwrap_or("").to_string();
-    match (request.method(), url.as_str()) {
-        (tiny_http::Method::Post, "/v1/chat/completions") => {
-            let mut body = Vec::new();
-            if request
-                .as_reader()
-                .take(16 << 20)
-                .read_to_end(&mut body)
-                .is_err()
-            {
-                return error(400, "could not read the body");
-            }
-            let parsed: CompletionBody = match serde_json::from_slice(&body) {
-                Ok(parsed) => parsed,
-                Err(e) => return error(400, &format!("not a chat completion request: {e}")),
-            };
-            if parsed.stream {
-                return error(400, "this mock-llm does not stream");
-            }
-            let model = parsed.model.unwrap_or_else(|| "mock".into());
-            let completion = mock::reply(&parsed.messages, &model, options.reply_words);
-            let created = SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs();
-            json(
-                200,
-                &json!({
-                    "id": format!("chatcmpl-mock-{:x}", fastrand::u64(..)),
-                    "object": "chat.completion",
-                    "created": created,
-                    "model": completion.model,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.content},
-                                 "finish_reason": "stop"}],
-                    "usage": completion.usage,
-                }),
-            )
-        }
-        (tiny_http::Method::Get, "/v1/models") => json(
-            200,
-            &json!({"object": "list", "data": [{"id": "mock", "object": "model", "created": 0, "owned_by": "chatpool"}]}),
-        ),
-        _ => error(404, "no such endpoint in mock-llm"),
-    }
+/// Whether the connection may carry another request.
+enum After {
+    KeepOpen,
+    Close,
 }
 
-fn json(status: u16, body: &serde_json::Value) -> Response {
-    let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..]);
-    let response = tiny_http::Response::from_data(serde_json::to_vec(body).unwrap_or_default())
-        .with_status_code(status);
-    match header {
-        Ok(h) => response.with_header(h),
-        Err(()) => response,
-    }
-}
-
-fn error(status: u16, message: &str) -> Response {
-    json(
-        status,
-        &json!({"error": {"message": message, "type": "invalid_request_error"}}),
-    )
-}
-
-/// An answer waiting for its time.
-struct Delayed {
-    due: Instant,
-    request: tiny_http::Request,
-    response: Response,
-}
-
-impl PartialEq for Delayed {
-    fn eq(&self, other: &Self) -> bool {
-        self.due == other.due
-    }
-}
-
-impl Eq for Delayed {}
-
-impl PartialOrd for Delayed {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Delayed {
-    // Reversed, so the max-heap pops the earliest due first.
-    fn cmp(&self, other: &Self) -> Ordering {
-        other.due.cmp(&self.due)
-    }
-}
-
-fn timer(incoming: Receiver<Delayed>) {
-    let mut waiting = BinaryHeap::new();
-    loop {
-        let next = match waiting.peek() {
-            Some(Delayed { due, .. }) => incoming.recv_deadline(*due),
-            None => incoming.recv().map_err(|_| RecvTimeoutError::Disconnected),
+impl Mock {
+    fn serve(&self, stream: TcpStream) {
+        let _ = stream.set_nodelay(true);
+        let Ok(read_half) = stream.try_clone() else {
+            return;
         };
-        match next {
-            Ok(delayed) => waiting.push(delayed),
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return,
-        }
-        let now = Instant::now();
-        while waiting.peek().is_some_and(|d| d.due <= now) {
-            if let Some(Delayed {
-                request, response, ..
-            }) = waiting.pop()
-            {
-                let _ = request.respond(response);
+        let mut reader = BufReader::new(read_half);
+        let mut out = stream;
+        while let Ok(Some(request)) = read_request(&mut reader) {
+            let after = match (request.method.as_str(), request.path.split('?').next().unwrap_or("")) {
+                ("POST", "/v1/chat/completions") => self.completion(&request.body, &mut out),
+                ("GET", "/v1/models") => write_json(
+                    &mut out,
+                    200,
+                    &json!({"object": "list", "data": [{"id": "mock", "object": "model", "created": 0, "owned_by": "chatpool"}]}),
+                    "",
+                )
+                .map(|_| After::KeepOpen),
+                ("GET", "/stats") => write_json(
+                    &mut out,
+                    200,
+                    &json!({
+                        "completions": self.stats.completions.load(Ordering::SeqCst),
+                        "disconnects": self.stats.disconnects.load(Ordering::SeqCst),
+                    }),
+                    "",
+                )
+                .map(|_| After::KeepOpen),
+                _ => write_json(&mut out, 404, &error_body("no such endpoint in mock-llm"), "").map(|_| After::KeepOpen),
+            };
+            if request.close || !matches!(after, Ok(After::KeepOpen)) {
+                return;
             }
         }
     }
+
+    fn fault_for(&self, n: u64) -> Option<Fault> {
+        let fault = self.options.fault?;
+        let in_first = self.options.fault_first == 0 || n < self.options.fault_first;
+        (in_first && fastrand::f64() < self.options.fault_rate).then_some(fault)
+    }
+
+    fn completion(&self, body: &[u8], out: &mut TcpStream) -> io::Result<After> {
+        let n = self.stats.completions.fetch_add(1, Ordering::SeqCst);
+        let parsed: CompletionBody = match serde_json::from_slice(body) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                write_json(
+                    out,
+                    400,
+                    &error_body(&format!("not a chat completion request: {e}")),
+                    "",
+                )?;
+                return Ok(After::KeepOpen);
+            }
+        };
+        let o = &self.options;
+        thread::sleep(Duration::from_millis(
+            o.latency_ms + fastrand::u64(..=o.jitter_ms),
+        ));
+        let model = parsed.model.unwrap_or_else(|| "mock".into());
+        let completion = mock::reply(&parsed.messages, &model, o.reply_words);
+        let fault = self.fault_for(n);
+        match fault {
+            Some(Fault::Error) => {
+                let extra = o
+                    .retry_after
+                    .map(|s| format!("Retry-After: {s}\r\n"))
+                    .unwrap_or_default();
+                let message = format!("mock-llm injected HTTP {}", o.fault_status);
+                write_json(out, o.fault_status, &error_body(&message), &extra)?;
+                return Ok(After::KeepOpen);
+            }
+            Some(Fault::Hang) => {
+                thread::sleep(HANG);
+                return Ok(After::Close);
+            }
+            Some(Fault::Reset) => return Ok(After::Close),
+            Some(Fault::Malformed) => {
+                let junk = b"{\"choices\": [{\"message\": ";
+                out.write_all(head(200, "application/json", Some(junk.len()), "").as_bytes())?;
+                out.write_all(junk)?;
+                return Ok(After::KeepOpen);
+            }
+            Some(Fault::Drip) | None => {}
+        }
+        if parsed.stream {
+            return self.stream(out, completion);
+        }
+        let created = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let body = json!({
+            "id": format!("chatcmpl-mock-{n}"),
+            "object": "chat.completion",
+            "created": created,
+            "model": completion.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.content},
+                         "finish_reason": "stop"}],
+            "usage": completion.usage,
+        })
+        .to_string();
+        if fault == Some(Fault::Drip) {
+            out.write_all(head(200, "application/json", Some(body.len()), "").as_bytes())?;
+            for byte in body.as_bytes() {
+                out.write_all(std::slice::from_ref(byte))?;
+                out.flush()?;
+                thread::sleep(Duration::from_millis(o.drip_ms));
+            }
+            return Ok(After::KeepOpen);
+        }
+        out.write_all(head(200, "application/json", Some(body.len()), "").as_bytes())?;
+        out.write_all(body.as_bytes())?;
+        Ok(After::KeepOpen)
+    }
+
+    /// Server-sent events in OpenAI's chunk format, then `[DONE]`; the connection closes after.
+    fn stream(
+        &self,
+        out: &mut TcpStream,
+        completion: crate::llm::wire::Completion,
+    ) -> io::Result<After> {
+        let o = &self.options;
+        let words: Vec<&str> = completion.content.split_inclusive(' ').collect();
+        let pieces = if o.chunks == 0 {
+            words.len().max(1)
+        } else {
+            o.chunks
+        };
+        let per_piece = words.len().div_ceil(pieces).max(1);
+        out.write_all(
+            head(
+                200,
+                "text/event-stream",
+                None,
+                "Cache-Control: no-cache\r\n",
+            )
+            .as_bytes(),
+        )?;
+        let chunk = |delta: serde_json::Value, finish: Option<&str>| {
+            json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": completion.model,
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+        };
+        for (i, group) in words.chunks(per_piece).enumerate() {
+            if o.fail_after_chunk == Some(i) {
+                return Ok(After::Close);
+            }
+            if i > 0 {
+                thread::sleep(Duration::from_millis(o.chunk_gap_ms));
+            }
+            let delta = if i == 0 {
+                json!({"role": "assistant", "content": group.concat()})
+            } else {
+                json!({"content": group.concat()})
+            };
+            self.send_event(out, &chunk(delta, None))?;
+        }
+        self.send_event(out, &chunk(json!({}), Some("stop")))?;
+        let usage = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "model": completion.model,
+                           "choices": [], "usage": completion.usage});
+        self.send_event(out, &usage)?;
+        out.write_all(b"data: [DONE]\n\n")?;
+        out.flush()?;
+        Ok(After::Close)
+    }
+
+    fn send_event(&self, out: &mut TcpStream, data: &serde_json::Value) -> io::Result<()> {
+        let sent = out
+            .write_all(format!("data: {data}\n\n").as_bytes())
+            .and_then(|_| out.flush());
+        if sent.is_err() {
+            self.stats.disconnects.fetch_add(1, Ordering::SeqCst);
+        }
+        sent
+    }
+}
+
+fn error_body(message: &str) -> serde_json::Value {
+    json!({"error": {"message": message, "type": "mock_error"}})
 }

@@ -7,4 +7,5 @@ mod admission;
 mod api;
 mod auth;
 mod lifecycle;
+mod resilience;
 mod upstream;

@@ -54,18 +54,23 @@ impl ApiError {
             ApiError::Overloaded => (503, "overloaded"),
             ApiError::ShuttingDown => (503, "shutting_down"),
             ApiError::Upstream(UpstreamError::Timeout { .. }) => (504, "upstream_timeout"),
+            ApiError::Upstream(UpstreamError::Paused { .. }) => (503, "upstream_unavailable"),
             ApiError::Upstream(_) => (502, "upstream_error"),
             ApiError::Store(_) | ApiError::Internal(_) => (500, "internal"),
         }
     }
 
     /// Headers the contract asks for beside the body.
-    pub fn headers(&self) -> Vec<(&'static str, &'static str)> {
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
         match self {
-            ApiError::MethodNotAllowed { allow } => vec![("Allow", allow)],
-            ApiError::Unauthorized(_) => vec![("WWW-Authenticate", "Bearer")],
-            ApiError::ChatBusy | ApiError::Overloaded => vec![("Retry-After", "1")],
-            ApiError::ShuttingDown => vec![("Retry-After", "5")],
+            ApiError::MethodNotAllowed { allow } => vec![("Allow", allow.to_string())],
+            ApiError::Unauthorized(_) => vec![("WWW-Authenticate", "Bearer".into())],
+            ApiError::ChatBusy | ApiError::Overloaded => vec![("Retry-After", "1".into())],
+            ApiError::ShuttingDown => vec![("Retry-After", "5".into())],
+            ApiError::Upstream(UpstreamError::Paused { retry_after }) => {
+                let secs = retry_after.as_secs_f64().ceil().max(1.0);
+                vec![("Retry-After", format!("{secs}"))]
+            }
             _ => Vec::new(),
         }
     }
@@ -162,11 +167,19 @@ mod tests {
 
     #[test]
     fn shedding_errors_carry_retry_after() {
-        assert_eq!(ApiError::Overloaded.headers(), [("Retry-After", "1")]);
+        assert_eq!(
+            ApiError::Overloaded.headers(),
+            [("Retry-After", "1".to_string())]
+        );
+        let paused = ApiError::from(UpstreamError::Paused {
+            retry_after: Duration::from_millis(2100),
+        });
+        assert_eq!(paused.status_and_type(), (503, "upstream_unavailable"));
+        assert_eq!(paused.headers(), [("Retry-After", "3".to_string())]);
         assert_eq!(ApiError::ChatBusy.status_and_type(), (409, "chat_busy"));
         assert_eq!(
             ApiError::MethodNotAllowed { allow: "GET" }.headers(),
-            [("Allow", "GET")]
+            [("Allow", "GET".to_string())]
         );
     }
 }

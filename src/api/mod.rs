@@ -33,7 +33,7 @@ pub fn error_response(error: &ApiError, request_id: &str) -> HttpResponse {
     let (status, _) = error.status_and_type();
     let mut response = json_response(status, &error.body(request_id));
     for (name, value) in error.headers() {
-        response = with_header(response, name, value);
+        response = with_header(response, name, &value);
     }
     response
 }

@@ -4,12 +4,14 @@
 //! keep-alive pool keeps a connection for every worker so a busy pool never reconnects. One
 //! deadline, `request_timeout_ms`, covers every attempt and every backoff of a call.
 
+mod breaker;
 pub mod mock;
 pub mod prompt;
 pub mod wire;
 
 use crate::config::{LlmConfig, Provider};
 use crate::metrics::Metrics;
+use breaker::Breaker;
 use std::fmt;
 use std::io::Read;
 use std::sync::Arc;
@@ -51,6 +53,23 @@ pub enum UpstreamError {
         /// What was wrong with it.
         detail: String,
     },
+    /// The LLM failed repeatedly just now; calls are paused (the breaker is open).
+    Paused {
+        /// When a call may go out again.
+        retry_after: Duration,
+    },
+}
+
+impl UpstreamError {
+    /// Whether this says the LLM is unwell (and counts towards opening the breaker), rather
+    /// than that it refused this particular request.
+    fn is_failure(&self) -> bool {
+        match self {
+            UpstreamError::Status { status, .. } => *status == 429 || *status >= 500,
+            UpstreamError::Paused { .. } => false,
+            _ => true,
+        }
+    }
 }
 
 impl fmt::Display for UpstreamError {
@@ -85,6 +104,11 @@ impl fmt::Display for UpstreamError {
                 )
             }
             UpstreamError::Malformed { detail } => f.write_str(detail),
+            UpstreamError::Paused { retry_after } => write!(
+                f,
+                "the LLM failed repeatedly just now; calls to it are paused for {} more seconds",
+                retry_after.as_secs_f64().ceil()
+            ),
         }
     }
 }
@@ -131,6 +155,7 @@ pub struct LlmClient {
     model: Arc<str>,
     request_timeout: Duration,
     max_retries: u32,
+    breaker: Arc<Breaker>,
     metrics: Arc<Metrics>,
 }
 
@@ -177,6 +202,10 @@ impl LlmClient {
             model: config.model.as_str().into(),
             request_timeout: Duration::from_millis(config.request_timeout_ms),
             max_retries: config.max_retries,
+            breaker: Arc::new(Breaker::new(
+                config.breaker_failures,
+                Duration::from_millis(config.breaker_cooldown_ms),
+            )),
             metrics,
         }
     }
@@ -198,8 +227,26 @@ impl LlmClient {
     }
 
     /// Asks the LLM for the next message of `messages`, retrying what is worth retrying within
-    /// the deadline.
+    /// the deadline, unless the breaker has paused calls.
     pub fn complete(
+        &self,
+        messages: &[ChatMessage],
+        sampling: Sampling,
+    ) -> Result<Completion, UpstreamError> {
+        let permit = self.breaker.admit(Instant::now()).map_err(|retry_after| {
+            self.metrics.upstream_outcome("paused");
+            UpstreamError::Paused { retry_after }
+        })?;
+        let result = self.call(messages, sampling);
+        let succeeded = match &result {
+            Ok(_) => true,
+            Err(e) => !e.is_failure(),
+        };
+        self.breaker.record(permit, succeeded, Instant::now());
+        result
+    }
+
+    fn call(
         &self,
         messages: &[ChatMessage],
         sampling: Sampling,
