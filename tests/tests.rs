@@ -8,4 +8,5 @@ mod api;
 mod auth;
 mod lifecycle;
 mod resilience;
+mod streaming;
 mod upstream;

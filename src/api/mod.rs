@@ -8,6 +8,7 @@ pub mod error;
 mod handler;
 pub mod request;
 pub mod route;
+mod sse;
 
 pub use error::ApiError;
 pub use handler::{Handler, Job};

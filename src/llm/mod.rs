@@ -16,7 +16,7 @@ use std::fmt;
 use std::io::Read;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-use wire::{ChatMessage, Completion, CompletionRequest, Sampling};
+use wire::{ChatMessage, Completion, CompletionRequest, Sampling, StreamLine, StreamOptions};
 
 /// Upstream bodies larger than this are not an answer anyone can use.
 const MAX_RESPONSE_BYTES: u64 = 8 << 20;
@@ -53,6 +53,8 @@ pub enum UpstreamError {
         /// What was wrong with it.
         detail: String,
     },
+    /// The client went away while the reply streamed; the call was abandoned.
+    Cancelled,
     /// The LLM failed repeatedly just now; calls are paused (the breaker is open).
     Paused {
         /// When a call may go out again.
@@ -66,7 +68,7 @@ impl UpstreamError {
     fn is_failure(&self) -> bool {
         match self {
             UpstreamError::Status { status, .. } => *status == 429 || *status >= 500,
-            UpstreamError::Paused { .. } => false,
+            UpstreamError::Paused { .. } | UpstreamError::Cancelled => false,
             _ => true,
         }
     }
@@ -104,6 +106,9 @@ impl fmt::Display for UpstreamError {
                 )
             }
             UpstreamError::Malformed { detail } => f.write_str(detail),
+            UpstreamError::Cancelled => {
+                f.write_str("the client went away; the LLM call was abandoned")
+            }
             UpstreamError::Paused { retry_after } => write!(
                 f,
                 "the LLM failed repeatedly just now; calls to it are paused for {} more seconds",
@@ -125,6 +130,7 @@ enum AttemptError {
     Transport(String),
     Timeout,
     Malformed(String),
+    Cancelled,
 }
 
 impl AttemptError {
@@ -132,7 +138,7 @@ impl AttemptError {
         match self {
             AttemptError::Status { status, .. } => matches!(status, 429 | 500 | 502 | 503 | 504),
             AttemptError::Transport(_) => true,
-            AttemptError::Timeout | AttemptError::Malformed(_) => false,
+            AttemptError::Timeout | AttemptError::Malformed(_) | AttemptError::Cancelled => false,
         }
     }
 
@@ -144,6 +150,7 @@ impl AttemptError {
             AttemptError::Transport(_) => "transport_error",
             AttemptError::Timeout => "timeout",
             AttemptError::Malformed(_) => "malformed",
+            AttemptError::Cancelled => "cancelled",
         }
     }
 }
@@ -228,16 +235,21 @@ impl LlmClient {
 
     /// Asks the LLM for the next message of `messages`, retrying what is worth retrying within
     /// the deadline, unless the breaker has paused calls.
+    ///
+    /// With a `sink`, the reply is streamed: each piece goes to the sink as it arrives (the sink
+    /// returns `false` when its client has gone, which abandons the call), and a call is only
+    /// retried while nothing has reached the sink yet.
     pub fn complete(
         &self,
         messages: &[ChatMessage],
         sampling: Sampling,
+        sink: Option<&mut Sink<'_>>,
     ) -> Result<Completion, UpstreamError> {
         let permit = self.breaker.admit(Instant::now()).map_err(|retry_after| {
             self.metrics.upstream_outcome("paused");
             UpstreamError::Paused { retry_after }
         })?;
-        let result = self.call(messages, sampling);
+        let result = self.call(messages, sampling, sink);
         let succeeded = match &result {
             Ok(_) => true,
             Err(e) => !e.is_failure(),
@@ -250,12 +262,22 @@ impl LlmClient {
         &self,
         messages: &[ChatMessage],
         sampling: Sampling,
+        mut sink: Option<&mut Sink<'_>>,
     ) -> Result<Completion, UpstreamError> {
         let (agent, url, authorization) = match &self.backend {
             Backend::Mock { latency } => {
                 std::thread::sleep(*latency);
+                let completion = mock::reply(messages, &self.model, 0);
+                if let Some(sink) = sink {
+                    for piece in completion.content.split_inclusive(' ') {
+                        if !sink(piece) {
+                            self.metrics.upstream_outcome("cancelled");
+                            return Err(UpstreamError::Cancelled);
+                        }
+                    }
+                }
                 self.metrics.upstream_outcome("ok");
-                return Ok(mock::reply(messages, &self.model, 0));
+                return Ok(completion);
             }
             Backend::OpenAi {
                 agent,
@@ -268,15 +290,24 @@ impl LlmClient {
             messages,
             temperature: sampling.temperature,
             max_tokens: sampling.max_tokens,
+            stream: sink.is_some(),
+            stream_options: sink.is_some().then_some(StreamOptions {
+                include_usage: true,
+            }),
         })
         .map_err(|e| UpstreamError::Malformed {
             detail: format!("cannot encode the request: {e}"),
         })?;
         let deadline = Instant::now() + self.request_timeout;
         let mut attempts = 0;
+        let mut forwarded = false;
         loop {
             attempts += 1;
-            let error = match self.attempt(agent, url, authorization, &body, deadline) {
+            let reply = Reply {
+                sink: sink.as_deref_mut(),
+                forwarded: &mut forwarded,
+            };
+            let error = match self.attempt(agent, url, authorization, &body, deadline, reply) {
                 Ok(completion) => {
                     self.metrics.upstream_outcome("ok");
                     return Ok(completion);
@@ -286,7 +317,8 @@ impl LlmClient {
             self.metrics.upstream_outcome(error.outcome());
             let wait = backoff(attempts, &error);
             let in_time = Instant::now() + wait < deadline;
-            if !error.retryable() || attempts > self.max_retries || !in_time {
+            // Once a piece reached the client, a retry would send it a second, different start.
+            if !error.retryable() || attempts > self.max_retries || !in_time || forwarded {
                 return Err(self.give_up(error, attempts));
             }
             self.metrics.upstream_retry();
@@ -306,6 +338,7 @@ impl LlmClient {
                 after: self.request_timeout,
             },
             AttemptError::Malformed(detail) => UpstreamError::Malformed { detail },
+            AttemptError::Cancelled => UpstreamError::Cancelled,
         }
     }
 
@@ -316,6 +349,7 @@ impl LlmClient {
         authorization: Option<&str>,
         body: &[u8],
         deadline: Instant,
+        reply: Reply<'_, '_>,
     ) -> Result<Completion, AttemptError> {
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
@@ -329,20 +363,28 @@ impl LlmClient {
             request = request.set("Authorization", authorization);
         }
         let timed_out = || Instant::now() >= deadline;
+        let read_error = |e: std::io::Error| {
+            if timed_out() {
+                AttemptError::Timeout
+            } else {
+                AttemptError::Transport(e.to_string())
+            }
+        };
         match request.send_bytes(body) {
             Ok(response) => {
+                let body = response.into_reader().take(MAX_RESPONSE_BYTES);
+                if let Some(sink) = reply.sink {
+                    return self
+                        .read_stream(body, sink, reply.forwarded)
+                        .map_err(|e| match e {
+                            StreamError::Io(e) => read_error(e),
+                            StreamError::Attempt(e) => e,
+                        });
+                }
                 let mut bytes = Vec::new();
-                response
-                    .into_reader()
-                    .take(MAX_RESPONSE_BYTES)
+                body.take(MAX_RESPONSE_BYTES)
                     .read_to_end(&mut bytes)
-                    .map_err(|e| {
-                        if timed_out() {
-                            AttemptError::Timeout
-                        } else {
-                            AttemptError::Transport(e.to_string())
-                        }
-                    })?;
+                    .map_err(read_error)?;
                 wire::parse_completion(&bytes, &self.model).map_err(AttemptError::Malformed)
             }
             Err(ureq::Error::Status(status, response)) => {
@@ -363,6 +405,74 @@ impl LlmClient {
             }
             Err(ureq::Error::Transport(_)) if timed_out() => Err(AttemptError::Timeout),
             Err(ureq::Error::Transport(t)) => Err(AttemptError::Transport(t.to_string())),
+        }
+    }
+}
+
+/// Where a streamed reply goes, piece by piece; returns `false` once its client is gone.
+pub type Sink<'a> = dyn FnMut(&str) -> bool + 'a;
+
+/// The streaming side of one attempt: the sink, and whether anything reached it yet.
+struct Reply<'s, 'f> {
+    sink: Option<&'s mut Sink<'f>>,
+    forwarded: &'s mut bool,
+}
+
+enum StreamError {
+    Io(std::io::Error),
+    Attempt(AttemptError),
+}
+
+impl LlmClient {
+    /// Reads an event stream line by line, handing each piece to the sink as it arrives.
+    fn read_stream(
+        &self,
+        body: impl Read,
+        sink: &mut Sink<'_>,
+        forwarded: &mut bool,
+    ) -> Result<Completion, StreamError> {
+        let mut lines = std::io::BufReader::new(body);
+        let mut line = String::new();
+        let mut completion = Completion {
+            content: String::new(),
+            model: self.model.to_string(),
+            usage: None,
+        };
+        let mut finished = false;
+        loop {
+            line.clear();
+            if std::io::BufRead::read_line(&mut lines, &mut line).map_err(StreamError::Io)? == 0 {
+                // Some servers end the stream without [DONE]; a finished reply is still whole.
+                return if finished {
+                    Ok(completion)
+                } else {
+                    Err(StreamError::Attempt(AttemptError::Transport(
+                        "the LLM's stream ended before the reply was complete".into(),
+                    )))
+                };
+            }
+            match wire::parse_stream_line(&line)
+                .map_err(|e| StreamError::Attempt(AttemptError::Malformed(e)))?
+            {
+                StreamLine::Done => return Ok(completion),
+                StreamLine::Other => {}
+                StreamLine::Chunk(chunk) => {
+                    if let Some(model) = chunk.model {
+                        completion.model = model;
+                    }
+                    if chunk.usage.is_some() {
+                        completion.usage = chunk.usage;
+                    }
+                    finished |= chunk.finished;
+                    if let Some(delta) = chunk.delta {
+                        if !sink(&delta) {
+                            return Err(StreamError::Attempt(AttemptError::Cancelled));
+                        }
+                        *forwarded = true;
+                        completion.content.push_str(&delta);
+                    }
+                }
+            }
         }
     }
 }

@@ -66,6 +66,85 @@ pub struct CompletionRequest<'a> {
     /// Passed through when set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<u64>,
+    /// Asks for server-sent events.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub stream: bool,
+    /// With `stream`, asks for usage in the last chunk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream_options: Option<StreamOptions>,
+}
+
+/// OpenAI's `stream_options`.
+#[derive(Debug, Serialize)]
+pub struct StreamOptions {
+    /// Whether the stream ends with a chunk carrying usage.
+    pub include_usage: bool,
+}
+
+/// What one `data:` line of a streamed completion carries.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Chunk {
+    /// The next piece of the reply, if any.
+    pub delta: Option<String>,
+    /// The model, as the upstream names it.
+    pub model: Option<String>,
+    /// Usage, usually only in the last chunk.
+    pub usage: Option<Usage>,
+    /// Set on the chunk that ends the reply.
+    pub finished: bool,
+}
+
+#[derive(Deserialize)]
+struct ChunkBody {
+    model: Option<String>,
+    #[serde(default)]
+    choices: Vec<ChunkChoice>,
+    usage: Option<Usage>,
+}
+
+#[derive(Deserialize)]
+struct ChunkChoice {
+    #[serde(default)]
+    delta: ChunkDelta,
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct ChunkDelta {
+    content: Option<String>,
+}
+
+/// One line of an upstream event stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamLine {
+    /// A `data:` line with a chunk.
+    Chunk(Chunk),
+    /// `data: [DONE]`.
+    Done,
+    /// A blank line, a comment, or a field chatpool does not use.
+    Other,
+}
+
+/// Reads one line of a `chat.completion.chunk` event stream.
+pub fn parse_stream_line(line: &str) -> Result<StreamLine, String> {
+    let Some(data) = line.trim_end_matches(['\r', '\n']).strip_prefix("data:") else {
+        return Ok(StreamLine::Other);
+    };
+    let data = data.trim_start();
+    if data == "[DONE]" {
+        return Ok(StreamLine::Done);
+    }
+    let body: ChunkBody = serde_json::from_str(data)
+        .map_err(|e| format!("the LLM streamed something that is not a completion chunk: {e}"))?;
+    let choice = body.choices.into_iter().next();
+    Ok(StreamLine::Chunk(Chunk {
+        finished: choice.as_ref().is_some_and(|c| c.finish_reason.is_some()),
+        delta: choice
+            .and_then(|c| c.delta.content)
+            .filter(|d| !d.is_empty()),
+        model: body.model,
+        usage: body.usage,
+    }))
 }
 
 /// The LLM's answer.
@@ -183,6 +262,38 @@ mod tests {
     }
 
     #[test]
+    fn reads_stream_lines() {
+        let line = r#"data: {"model":"m","choices":[{"index":0,"delta":{"content":"Hel"},"finish_reason":null}]}"#;
+        let StreamLine::Chunk(c) = parse_stream_line(line).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (c.delta.as_deref(), c.model.as_deref(), c.finished),
+            (Some("Hel"), Some("m"), false)
+        );
+        let last = r#"data: {"choices":[{"delta":{},"finish_reason":"stop"}]}"#;
+        let StreamLine::Chunk(c) = parse_stream_line(last).unwrap() else {
+            panic!()
+        };
+        assert_eq!((c.delta, c.finished), (None, true));
+        let usage = r#"data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#;
+        let StreamLine::Chunk(c) = parse_stream_line(usage).unwrap() else {
+            panic!()
+        };
+        assert_eq!(c.usage, Some(Usage::new(1, 2)));
+        assert_eq!(
+            parse_stream_line("data: [DONE]\r\n").unwrap(),
+            StreamLine::Done
+        );
+        assert_eq!(
+            parse_stream_line(": keep-alive").unwrap(),
+            StreamLine::Other
+        );
+        assert_eq!(parse_stream_line("").unwrap(), StreamLine::Other);
+        assert!(parse_stream_line("data: {nope").is_err());
+    }
+
+    #[test]
     fn request_omits_unset_sampling() {
         let messages = [ChatMessage::new("user", "hi")];
         let req = CompletionRequest {
@@ -190,6 +301,8 @@ mod tests {
             messages: &messages,
             temperature: None,
             max_tokens: Some(5),
+            stream: false,
+            stream_options: None,
         };
         assert_eq!(
             serde_json::to_string(&req).unwrap(),

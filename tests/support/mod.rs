@@ -403,3 +403,119 @@ pub fn stored_messages(db: &Path, chat: &str) -> Vec<(i64, String, String)> {
         .unwrap();
     rows.map(Result::unwrap).collect()
 }
+
+/// A client reading a `text/event-stream` response event by event, as it arrives.
+pub struct EventReader {
+    reader: BufReader<TcpStream>,
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pending: String,
+    chunked: bool,
+    done: bool,
+}
+
+impl EventReader {
+    /// Sends a POST and reads the response head.
+    pub fn post(addr: SocketAddr, path: &str, body: &str, headers: &[(&str, &str)]) -> EventReader {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut text = format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        for (k, v) in headers {
+            text.push_str(&format!("{k}: {v}\r\n"));
+        }
+        text.push_str("\r\n");
+        text.push_str(body);
+        stream.write_all(text.as_bytes()).unwrap();
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let status = line.split(' ').nth(1).unwrap().parse().unwrap();
+        let mut headers = Vec::new();
+        loop {
+            line.clear();
+            reader.read_line(&mut line).unwrap();
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            let (k, v) = l.split_once(':').unwrap();
+            headers.push((k.trim().to_string(), v.trim().to_string()));
+        }
+        let chunked = headers
+            .iter()
+            .any(|(k, v)| k.eq_ignore_ascii_case("Transfer-Encoding") && v == "chunked");
+        EventReader {
+            reader,
+            status,
+            headers,
+            pending: String::new(),
+            chunked,
+            done: false,
+        }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The rest of the body, for a response that is not a stream.
+    pub fn body(mut self) -> String {
+        let mut body = String::new();
+        while let Some(piece) = self.read_piece() {
+            body.push_str(&piece);
+        }
+        body
+    }
+
+    fn read_piece(&mut self) -> Option<String> {
+        if self.done {
+            return None;
+        }
+        if !self.chunked {
+            let mut rest = String::new();
+            self.reader.read_to_string(&mut rest).ok()?;
+            self.done = true;
+            return Some(rest);
+        }
+        let mut size = String::new();
+        self.reader.read_line(&mut size).ok()?;
+        let size = usize::from_str_radix(size.trim(), 16).ok()?;
+        if size == 0 {
+            self.done = true;
+            return None;
+        }
+        let mut data = vec![0; size + 2];
+        self.reader.read_exact(&mut data).ok()?;
+        data.truncate(size);
+        Some(String::from_utf8(data).unwrap())
+    }
+
+    /// The next event as (event name, data); `None` at the end of the stream.
+    pub fn next_event(&mut self) -> Option<(Option<String>, String)> {
+        loop {
+            if let Some(end) = self.pending.find("\n\n") {
+                let block: String = self.pending.drain(..end + 2).collect();
+                let mut name = None;
+                let mut data = String::new();
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event: ") {
+                        name = Some(v.to_string());
+                    } else if let Some(v) = line.strip_prefix("data: ") {
+                        data.push_str(v);
+                    }
+                }
+                return Some((name, data));
+            }
+            let piece = self.read_piece()?;
+            self.pending.push_str(&piece);
+        }
+    }
+}
