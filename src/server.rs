@@ -235,7 +235,11 @@ impl Acceptor {
             .filter(|id| api::request::is_sane_token(id))
             .map(str::to_string)
             .unwrap_or_else(|| format!("{:016x}", fastrand::u64(..)));
-        match api::route(request.method(), request.url()) {
+        match api::route(
+            request.method(),
+            request.url(),
+            api::header(&request, "X-Chat-Id"),
+        ) {
             Ok(Target::Ops(ops)) => {
                 let response = self.ops(ops);
                 self.metrics.request(ops.name(), response.status_code().0);

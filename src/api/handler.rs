@@ -6,6 +6,7 @@
 //! sends its next message the moment it has the reply never finds its own chat still busy.
 
 use super::error::{log_detail, ApiError};
+use super::openai;
 use super::request::{idempotency_key, parse_send_message, read_body};
 use super::route::Route;
 use super::sse::EventStream;
@@ -13,10 +14,10 @@ use super::{error_response, header, json_response, log_request, respond, HttpRes
 use crate::admission::Ticket;
 use crate::config::Config;
 use crate::llm::prompt;
-use crate::llm::wire::Usage;
+use crate::llm::wire::{ChatMessage, Completion, Sampling, Usage};
 use crate::llm::{LlmClient, UpstreamError};
 use crate::metrics::Metrics;
-use crate::store::{Exchange, Readers, StoredReply, Writer};
+use crate::store::{Exchange, Message, Readers, StoredReply, Writer};
 use serde_json::json;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
@@ -213,6 +214,10 @@ impl Handler {
                 }
                 tiny_http::Response::from_data(Vec::new()).with_status_code(204)
             }
+            Route::ChatCompletions { chat_id } => {
+                return self.chat_completions(call, tenant, chat_id.as_deref())
+            }
+            Route::ListModels => json_response(200, &openai::models(self.llm.model())),
         };
         Ok(Outcome::Respond(response))
     }
@@ -223,131 +228,254 @@ impl Handler {
         tenant: &str,
         chat_id: &str,
     ) -> Result<Outcome, ApiError> {
-        let request = call
-            .request
-            .as_mut()
-            .ok_or_else(|| ApiError::Internal("request already answered".into()))?;
+        let request = call.request()?;
         let key = idempotency_key(header(request, "Idempotency-Key"))?;
         let body = read_body(request.as_reader(), self.config.server.max_body_bytes)?;
         let message = parse_send_message(&body)?;
-        let history = &self.config.history;
+        let turn = Turn {
+            chat_id: Some(chat_id.to_string()),
+            key,
+            user: Some(message.content.clone()),
+            messages: Vec::new(),
+            sampling: message.sampling,
+            stream: message.stream,
+            format: Format::Native,
+        };
+        let system_prompt = self.config.history.system_prompt.clone();
+        self.with_history(call, tenant, turn, |window| {
+            prompt::assemble(&system_prompt, window, &message.content)
+        })
+    }
 
+    fn chat_completions(
+        &mut self,
+        call: &mut Call,
+        tenant: &str,
+        chat_id: Option<&str>,
+    ) -> Result<Outcome, ApiError> {
+        let request = call.request()?;
+        let key = idempotency_key(header(request, "Idempotency-Key"))?;
+        let body = read_body(request.as_reader(), self.config.server.max_body_bytes)?;
+        let parsed = openai::parse_request(&body)?;
+        let format = Format::OpenAi {
+            include_usage: parsed.include_usage,
+        };
+        let Some(chat_id) = chat_id else {
+            // A stateless relay: the conversation goes upstream as the client wrote it.
+            let turn = Turn {
+                chat_id: None,
+                key: None,
+                user: None,
+                messages: parsed.messages,
+                sampling: parsed.sampling,
+                stream: parsed.stream,
+                format,
+            };
+            return self.take_turn(call, tenant, turn);
+        };
+        let user = parsed
+            .last_user_message()
+            .map(str::to_string)
+            .ok_or_else(|| {
+                ApiError::InvalidRequest(
+                    "with X-Chat-Id, messages must hold a user message: the new turn".into(),
+                )
+            })?;
+        let turn = Turn {
+            chat_id: Some(chat_id.to_string()),
+            key,
+            user: Some(user),
+            messages: Vec::new(),
+            sampling: parsed.sampling,
+            stream: parsed.stream,
+            format,
+        };
+        let system_prompt = self.config.history.system_prompt.clone();
+        self.with_history(call, tenant, turn, |window| {
+            // The client's own system messages lead; the stored history follows them, and the
+            // client's new turn comes last.
+            let lead = parsed
+                .messages
+                .iter()
+                .take_while(|m| m.role == "system")
+                .count();
+            let mut messages = parsed.messages[..lead].to_vec();
+            if lead == 0 && !system_prompt.is_empty() {
+                messages.push(ChatMessage::new("system", &system_prompt));
+            }
+            messages.extend(window.iter().map(|m| ChatMessage::new(&m.role, &m.content)));
+            messages.extend_from_slice(&parsed.messages[lead..]);
+            messages
+        })
+    }
+
+    /// Answers a replay from the stored reply, or reads the chat's history window, lets
+    /// `assemble` build the prompt around it, and takes the turn.
+    fn with_history(
+        &mut self,
+        call: &mut Call,
+        tenant: &str,
+        mut turn: Turn,
+        assemble: impl FnOnce(&[Message]) -> Vec<ChatMessage>,
+    ) -> Result<Outcome, ApiError> {
+        let chat_id = turn.chat_id.clone().unwrap_or_default();
+        let (max_messages, max_chars) = (
+            self.config.history.max_messages,
+            self.config.history.max_chars,
+        );
         let started = Instant::now();
         // The connection goes back before the LLM call: it is never held across the network.
         let newest = {
             let mut store = self.readers.get()?;
-            if let Some(key) = &key {
-                if let Some(stored) = store.find_reply(tenant, chat_id, key)? {
+            if let Some(key) = &turn.key {
+                if let Some(stored) = store.find_reply(tenant, &chat_id, key)? {
+                    drop(store);
                     call.timings.history = Some(started.elapsed());
-                    let reply = reply_json(chat_id, stored, &call.timings);
-                    return self.replay(call, reply, message.stream);
+                    let answer = Answer::Stored {
+                        chat_id,
+                        reply: stored,
+                        replayed: true,
+                    };
+                    return self.answer(call, &turn, Ok(answer), None);
                 }
             }
-            store.newest_messages(tenant, chat_id, history.max_messages)?
+            store.newest_messages(tenant, &chat_id, max_messages)?
         };
-        let window = prompt::window(newest, history.max_chars);
-        let messages = prompt::assemble(&history.system_prompt, &window, &message.content);
+        turn.messages = assemble(&prompt::window(newest, max_chars));
         call.timings.history = Some(started.elapsed());
+        self.take_turn(call, tenant, turn)
+    }
 
+    /// Calls the LLM (streaming pieces to the client if asked), stores the exchange when the
+    /// turn belongs to a chat, and answers in the turn's format.
+    fn take_turn(
+        &mut self,
+        call: &mut Call,
+        tenant: &str,
+        turn: Turn,
+    ) -> Result<Outcome, ApiError> {
         let started = Instant::now();
         let mut stream: Option<EventStream> = None;
-        let completion = if message.stream {
+        let completion = if turn.stream {
             let (request, request_id) = (&mut call.request, call.request_id.as_str());
-            let mut sink = |piece: &str| send_delta(&mut stream, request, request_id, piece);
+            let (model, format) = (self.llm.model(), turn.format);
+            let id = completion_id(request_id);
+            let mut first = true;
+            let mut sink = |piece: &str| {
+                let data = match format {
+                    Format::Native => json!({ "delta": piece }),
+                    Format::OpenAi { .. } => openai::delta_chunk(&id, model, piece, first),
+                };
+                first = false;
+                send_event(&mut stream, request, request_id, &data.to_string())
+            };
             self.llm
-                .complete(&messages, message.sampling, Some(&mut sink))
+                .complete(&turn.messages, turn.sampling, Some(&mut sink))
         } else {
-            self.llm.complete(&messages, message.sampling, None)
+            self.llm.complete(&turn.messages, turn.sampling, None)
         };
         call.timings.llm = Some(started.elapsed());
-        let completion = match (completion, stream.as_mut()) {
-            (Ok(completion), _) => completion,
-            (Err(e), None) => return Err(e.into()),
-            (Err(e), Some(_)) => return Ok(self.end_stream(call, stream, Err(e.into()))),
+        let completion = match completion {
+            Ok(completion) => completion,
+            Err(e) if stream.is_some() => return self.answer(call, &turn, Err(e.into()), stream),
+            Err(e) => return Err(e.into()),
         };
-
+        let (Some(chat_id), Some(user)) = (&turn.chat_id, &turn.user) else {
+            return self.answer(call, &turn, Ok(Answer::Relayed(completion)), stream);
+        };
         let started = Instant::now();
         let usage = completion
             .usage
             .map(|u| (u.prompt_tokens, u.completion_tokens));
         let stored = self.writer.append(Exchange {
             tenant: tenant.to_string(),
-            chat_id: chat_id.to_string(),
-            user: message.content,
+            chat_id: chat_id.clone(),
+            user: user.clone(),
             reply: completion.content.clone(),
             model: completion.model.clone(),
             usage,
-            idempotency_key: key,
+            idempotency_key: turn.key.clone(),
         });
         call.timings.store = Some(started.elapsed());
-        let reply = stored.map(|message_id| {
-            let stored = StoredReply {
-                message_id,
-                content: completion.content,
-                model: completion.model,
-                usage,
-            };
-            reply_json(chat_id, stored, &call.timings)
-        });
-        if !message.stream {
-            return Ok(Outcome::Respond(json_response(200, &reply?)));
-        }
-        if stream.is_none() {
-            // An empty reply streams no delta; the stream still opens to say `done`.
-            stream = Some(self.open_stream(call)?);
-        }
-        Ok(self.end_stream(call, stream, reply.map_err(ApiError::from)))
+        let answer = stored
+            .map_err(ApiError::from)
+            .map(|message_id| Answer::Stored {
+                chat_id: chat_id.clone(),
+                reply: StoredReply {
+                    message_id,
+                    content: completion.content,
+                    model: completion.model,
+                    usage,
+                },
+                replayed: false,
+            });
+        self.answer(call, &turn, answer, stream)
     }
 
-    /// Answers a replayed idempotent request, as JSON or as a stream holding only `done`.
-    fn replay(
-        &mut self,
-        call: &mut Call,
-        reply: serde_json::Value,
-        stream: bool,
-    ) -> Result<Outcome, ApiError> {
-        if !stream {
-            return Ok(Outcome::Respond(json_response(200, &reply)));
-        }
-        let events = self.open_stream(call)?;
-        Ok(self.end_stream(call, Some(events), Ok(reply)))
-    }
-
-    fn open_stream(&self, call: &mut Call) -> Result<EventStream, ApiError> {
-        let request = call
-            .request
-            .take()
-            .ok_or_else(|| ApiError::Internal("request already answered".into()))?;
-        EventStream::start(request, &call.request_id)
-            .map_err(|e| ApiError::Internal(format!("could not start the event stream: {e}")))
-    }
-
-    /// Ends an event stream with `done` and the reply, or with `error`. The chat is released
-    /// first, so a client that posts again on `done` does not find its chat busy.
-    fn end_stream(
+    /// Writes the end of a turn: a JSON response, or the closing events of a stream (opening
+    /// one if no piece did). The chat is released first, so a client that posts again the
+    /// moment it has the answer does not find its chat busy.
+    fn answer(
         &self,
         call: &mut Call,
+        turn: &Turn,
+        answer: Result<Answer, ApiError>,
         stream: Option<EventStream>,
-        result: Result<serde_json::Value, ApiError>,
-    ) -> Outcome {
-        let Some(mut stream) = stream else {
-            return Outcome::Streamed;
+    ) -> Result<Outcome, ApiError> {
+        let id = completion_id(&call.request_id);
+        let body = |answer: &Answer| match (answer, turn.format) {
+            (Answer::Stored { chat_id, reply, .. }, Format::Native) => {
+                reply_json(chat_id, reply, &call.timings)
+            }
+            (answer, _) => {
+                let (content, model, usage) = answer.parts();
+                openai::completion(&id, model, content, usage)
+            }
+        };
+        if !turn.stream {
+            return Ok(Outcome::Respond(json_response(200, &body(&answer?))));
+        }
+        let mut stream = match stream {
+            Some(stream) => stream,
+            None => {
+                let request = call.request.take().ok_or_else(answered)?;
+                EventStream::start(request, &call.request_id).map_err(|e| {
+                    ApiError::Internal(format!("could not start the event stream: {e}"))
+                })?
+            }
         };
         call.ticket = None;
-        let sent = match &result {
-            Ok(reply) => stream.send(Some("done"), &reply.to_string()),
-            Err(ApiError::Upstream(UpstreamError::Cancelled)) => {
+        let sent = match (&answer, turn.format) {
+            (Err(ApiError::Upstream(UpstreamError::Cancelled)), _) => {
                 log::info!(
                     "request_id={}: the client went away mid-stream; nothing stored",
                     call.request_id
                 );
-                return Outcome::Streamed;
+                return Ok(Outcome::Streamed);
             }
-            Err(error) => {
+            (Err(error), format) => {
                 if let Some(detail) = log_detail(error) {
                     log::warn!("request_id={} stream failed: {detail}", call.request_id);
                 }
-                stream.send(Some("error"), &error.body(&call.request_id).to_string())
+                let name = (format == Format::Native).then_some("error");
+                stream.send(name, &error.body(&call.request_id).to_string())
+            }
+            (Ok(answer), Format::Native) => stream.send(Some("done"), &body(answer).to_string()),
+            (Ok(answer), Format::OpenAi { include_usage }) => {
+                let (content, model, usage) = answer.parts();
+                let mut events = Vec::new();
+                // A replay sends its stored reply whole, as one piece.
+                if matches!(answer, Answer::Stored { replayed: true, .. }) {
+                    events.push(openai::delta_chunk(&id, model, content, true));
+                }
+                events.push(openai::finish_chunk(&id, model));
+                if include_usage {
+                    events.push(openai::usage_chunk(&id, model, usage));
+                }
+                events
+                    .iter()
+                    .try_for_each(|e| stream.send(None, &e.to_string()))
+                    .and_then(|()| stream.send(None, "[DONE]"))
             }
         };
         if let Err(e) = sent.and_then(|()| stream.finish()) {
@@ -356,17 +484,16 @@ impl Handler {
                 call.request_id
             );
         }
-        Outcome::Streamed
+        Ok(Outcome::Streamed)
     }
 }
 
-/// Hands one piece of a streamed reply to the client, opening the stream on the first; `false`
-/// when the client has gone.
-fn send_delta(
+/// Sends one event, opening the stream on the first; `false` when the client has gone.
+fn send_event(
     stream: &mut Option<EventStream>,
     request: &mut Option<tiny_http::Request>,
     request_id: &str,
-    piece: &str,
+    data: &str,
 ) -> bool {
     if stream.is_none() {
         let Some(request) = request.take() else {
@@ -377,8 +504,67 @@ fn send_delta(
             Err(_) => return false,
         }
     }
-    let data = json!({ "delta": piece }).to_string();
-    stream.as_mut().is_some_and(|s| s.send(None, &data).is_ok())
+    stream.as_mut().is_some_and(|s| s.send(None, data).is_ok())
+}
+
+/// The OpenAI `id` of the completion answering a request.
+fn completion_id(request_id: &str) -> String {
+    format!("chatcmpl-{request_id}")
+}
+
+fn answered() -> ApiError {
+    ApiError::Internal("the request was already answered".into())
+}
+
+/// How a turn's answer is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    /// chatpool's own API: `{"reply": ...}`, or `data: {"delta"}` events and `event: done`.
+    Native,
+    /// OpenAI's: `chat.completion`, or `chat.completion.chunk` events and `data: [DONE]`.
+    OpenAi {
+        /// Whether the stream ends with a usage chunk.
+        include_usage: bool,
+    },
+}
+
+/// One exchange with the LLM, as the API asked for it.
+struct Turn {
+    /// The chat it belongs to; `None` for a stateless relay, which stores nothing.
+    chat_id: Option<String>,
+    key: Option<String>,
+    /// The user's message as stored with the reply.
+    user: Option<String>,
+    /// What goes to the LLM.
+    messages: Vec<ChatMessage>,
+    sampling: Sampling,
+    stream: bool,
+    format: Format,
+}
+
+/// What a successful turn answers with.
+enum Answer {
+    /// A reply stored in a chat: just now, or earlier under the same idempotency key.
+    Stored {
+        chat_id: String,
+        reply: StoredReply,
+        replayed: bool,
+    },
+    /// A relayed completion, stored nowhere.
+    Relayed(Completion),
+}
+
+impl Answer {
+    fn parts(&self) -> (&str, &str, Option<Usage>) {
+        match self {
+            Answer::Stored { reply, .. } => (
+                &reply.content,
+                &reply.model,
+                reply.usage.map(|(p, c)| Usage::new(p, c)),
+            ),
+            Answer::Relayed(c) => (&c.content, &c.model, c.usage),
+        }
+    }
 }
 
 /// A job's request while a worker serves it.
@@ -391,6 +577,13 @@ struct Call {
     timings: Timings,
 }
 
+impl Call {
+    /// The request, while it has not been answered.
+    fn request(&mut self) -> Result<&mut tiny_http::Request, ApiError> {
+        self.request.as_mut().ok_or_else(answered)
+    }
+}
+
 /// How a request was answered.
 enum Outcome {
     /// With this response, still to be sent.
@@ -400,7 +593,7 @@ enum Outcome {
 }
 
 /// The body of a 200, and of the `done` event of a stream.
-fn reply_json(chat_id: &str, reply: StoredReply, timings: &Timings) -> serde_json::Value {
+fn reply_json(chat_id: &str, reply: &StoredReply, timings: &Timings) -> serde_json::Value {
     let usage = reply.usage.map(|(p, c)| Usage::new(p, c));
     json!({
         "chat_id": chat_id,

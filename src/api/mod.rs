@@ -6,6 +6,7 @@
 
 pub mod error;
 mod handler;
+pub mod openai;
 pub mod request;
 pub mod route;
 mod sse;

@@ -80,7 +80,8 @@ pub fn parse_send_message(body: &[u8]) -> Result<SendMessage, ApiError> {
     Ok(message)
 }
 
-fn json_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, ApiError> {
+/// The body as a JSON object, or the `invalid_json`/`invalid_request` error that says why not.
+pub fn json_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::InvalidJson(
             "the request body is empty; send a JSON object such as {\"content\": \"Hello\"}".into(),

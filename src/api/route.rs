@@ -53,6 +53,13 @@ pub enum Route {
         /// The chat.
         chat_id: String,
     },
+    /// `POST /v1/chat/completions`, OpenAI's API; history-backed with `X-Chat-Id`.
+    ChatCompletions {
+        /// The `X-Chat-Id` chat, if any.
+        chat_id: Option<String>,
+    },
+    /// `GET /v1/models`
+    ListModels,
 }
 
 impl Route {
@@ -63,6 +70,8 @@ impl Route {
             Route::GetMessages { .. } => "get_messages",
             Route::ListChats { .. } => "list_chats",
             Route::DeleteChat { .. } => "delete_chat",
+            Route::ChatCompletions { .. } => "chat_completions",
+            Route::ListModels => "list_models",
         }
     }
 
@@ -70,13 +79,17 @@ impl Route {
     pub fn busy_chat(&self) -> Option<&str> {
         match self {
             Route::PostMessage { chat_id } => Some(chat_id),
+            Route::ChatCompletions { chat_id } => chat_id.as_deref(),
             _ => None,
         }
     }
 
     /// Whether the request carries a body.
     pub fn has_body(&self) -> bool {
-        matches!(self, Route::PostMessage { .. })
+        matches!(
+            self,
+            Route::PostMessage { .. } | Route::ChatCompletions { .. }
+        )
     }
 }
 
@@ -95,8 +108,9 @@ impl Ops {
 const DEFAULT_LIMIT: usize = 50;
 const MAX_LIMIT: usize = 500;
 
-/// Finds the target of a request, or the 400/404/405 that answers it.
-pub fn route(method: &Method, url: &str) -> Result<Target, ApiError> {
+/// Finds the target of a request, or the 400/404/405 that answers it. `chat_header` is the
+/// request's `X-Chat-Id`, which makes an OpenAI-style completion history-backed.
+pub fn route(method: &Method, url: &str, chat_header: Option<&str>) -> Result<Target, ApiError> {
     let (path, query) = url.split_once('?').unwrap_or((url, ""));
     let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
     let only = |allowed: &'static str, ok: bool| {
@@ -117,6 +131,12 @@ pub fn route(method: &Method, url: &str) -> Result<Target, ApiError> {
             let q = Query::parse(query)?;
             Target::Api(Route::ListChats { limit: q.limit })
         }
+        ["v1", "chat", "completions"] => {
+            only("POST", *method == Method::Post)?;
+            let chat_id = chat_header.map(chat_id).transpose()?;
+            Target::Api(Route::ChatCompletions { chat_id })
+        }
+        ["v1", "models"] => only("GET", get).map(|_| Target::Api(Route::ListModels))?,
         ["v1", "chats", id] => {
             only("DELETE", *method == Method::Delete)?;
             Target::Api(Route::DeleteChat {
@@ -210,24 +230,24 @@ mod tests {
     use super::*;
 
     fn api(method: Method, url: &str) -> Route {
-        match route(&method, url) {
+        match route(&method, url, None) {
             Ok(Target::Api(r)) => r,
             other => panic!("{url}: {other:?}"),
         }
     }
 
     fn err(method: Method, url: &str) -> (u16, &'static str) {
-        route(&method, url).unwrap_err().status_and_type()
+        route(&method, url, None).unwrap_err().status_and_type()
     }
 
     #[test]
     fn routes_every_endpoint() {
         assert_eq!(
-            route(&Method::Get, "/healthz").unwrap(),
+            route(&Method::Get, "/healthz", None).unwrap(),
             Target::Ops(Ops::Healthz)
         );
         assert_eq!(
-            route(&Method::Get, "/metrics").unwrap(),
+            route(&Method::Get, "/metrics", None).unwrap(),
             Target::Ops(Ops::Metrics)
         );
         assert_eq!(
@@ -253,6 +273,28 @@ mod tests {
             Route::DeleteChat {
                 chat_id: "c1".into()
             }
+        );
+    }
+
+    #[test]
+    fn the_openai_front_door_takes_its_chat_from_the_header() {
+        let chat = route(&Method::Post, "/v1/chat/completions", Some("c-7")).unwrap();
+        assert_eq!(
+            chat,
+            Target::Api(Route::ChatCompletions {
+                chat_id: Some("c-7".into())
+            })
+        );
+        let stateless = route(&Method::Post, "/v1/chat/completions", None).unwrap();
+        assert_eq!(
+            stateless,
+            Target::Api(Route::ChatCompletions { chat_id: None })
+        );
+        let bad = route(&Method::Post, "/v1/chat/completions", Some("no spaces")).unwrap_err();
+        assert_eq!(bad.status_and_type(), (400, "invalid_request"));
+        assert_eq!(
+            route(&Method::Get, "/v1/models", None).unwrap(),
+            Target::Api(Route::ListModels)
         );
     }
 

@@ -1,0 +1,253 @@
+//! The OpenAI-compatible front door: shapes, history with X-Chat-Id, limits and errors.
+
+use crate::support::*;
+use serde_json::{json, Value};
+
+const PATH: &str = "/v1/chat/completions";
+
+fn body(stream: bool, content: &str) -> String {
+    json!({
+        "model": "anything",
+        "messages": [{"role": "user", "content": content}],
+        "stream": stream,
+        "stream_options": {"include_usage": true},
+    })
+    .to_string()
+}
+
+#[test]
+fn a_stateless_relay_answers_in_openai_shape_and_stores_nothing() {
+    let mock = mock_llm(&[]);
+    let work = Workdir::new();
+    let server = work.serve(&openai_llm(mock.addr, "model = \"m-1\"\n"));
+    let r = request(
+        server.addr,
+        "POST",
+        PATH,
+        Some(&body(false, "hi")),
+        &[("X-Request-Id", "r1")],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let c = r.json();
+    assert_eq!(c["object"], "chat.completion");
+    assert_eq!(c["id"], "chatcmpl-r1");
+    assert_eq!(c["model"], "m-1");
+    assert_eq!(
+        c["choices"][0]["message"],
+        json!({"role": "assistant", "content": "You said: hi"})
+    );
+    assert_eq!(c["choices"][0]["finish_reason"], "stop");
+    assert!(c["usage"]["total_tokens"].as_u64().unwrap() > 0);
+    assert_eq!(get(server.addr, "/v1/chats").json()["chats"], json!([]));
+
+    let models = get(server.addr, "/v1/models").json();
+    assert_eq!(models["data"][0]["id"], "m-1");
+    assert_eq!(models["object"], "list");
+    let metrics = get(server.addr, "/metrics").text();
+    assert!(
+        metrics.contains(r#"chatpool_requests_total{route="chat_completions",status="200"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn a_streamed_relay_is_chunks_then_usage_then_done() {
+    let mock = mock_llm(&["--reply-words", "4"]);
+    let work = Workdir::new();
+    let server = work.serve(&openai_llm(mock.addr, ""));
+    let mut events = EventReader::post(server.addr, PATH, &body(true, "hi"), &[]);
+    assert_eq!(events.status, 200);
+    let mut chunks = Vec::new();
+    let mut done = false;
+    while let Some((name, data)) = events.next_event() {
+        assert_eq!(name, None);
+        if data == "[DONE]" {
+            done = true;
+            assert!(events.next_event().is_none());
+            break;
+        }
+        chunks.push(serde_json::from_str::<Value>(&data).unwrap());
+    }
+    assert!(done);
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, "You said: hi lorem ipsum lorem ipsum");
+    let finish = &chunks[chunks.len() - 2];
+    assert_eq!(finish["choices"][0]["finish_reason"], "stop");
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert!(usage["usage"]["total_tokens"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn x_chat_id_puts_the_stored_history_after_the_system_message_and_stores_the_turn() {
+    let upstream = FakeUpstream::start(Box::new(|n, _| (200, completion(&format!("r{n}")))));
+    let work = Workdir::new();
+    let server = work.serve(&format!(
+        "[history]\nsystem_prompt = \"SYS\"\n\n{}",
+        openai_llm(upstream.addr, "")
+    ));
+    let chat = [("X-Chat-Id", "c1")];
+    assert_eq!(
+        request(
+            server.addr,
+            "POST",
+            PATH,
+            Some(&body(false, "first")),
+            &chat
+        )
+        .status,
+        200
+    );
+    let second = json!({"messages": [{"role": "system", "content": "be terse"}, {"role": "user", "content": "second"}]});
+    let r = request(server.addr, "POST", PATH, Some(&second.to_string()), &chat);
+    assert_eq!(r.json()["choices"][0]["message"]["content"], "r1");
+    let seen = upstream.seen();
+    let pairs = |v: &[(&str, &str)]| {
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        seen[0].messages(),
+        pairs(&[("system", "SYS"), ("user", "first")])
+    );
+    assert_eq!(
+        seen[1].messages(),
+        pairs(&[
+            ("system", "be terse"),
+            ("user", "first"),
+            ("assistant", "r0"),
+            ("user", "second")
+        ])
+    );
+    let history = get(server.addr, "/v1/chats/c1/messages").json();
+    let stored: Vec<_> = history["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["content"].clone())
+        .collect();
+    assert_eq!(stored, ["first", "r0", "second", "r1"]);
+    // A stateless call in between stored nothing and saw no history.
+    request(server.addr, "POST", PATH, Some(&body(false, "aside")), &[]);
+    assert_eq!(upstream.seen()[2].messages(), pairs(&[("user", "aside")]));
+    assert_eq!(
+        get(server.addr, "/v1/chats/c1/messages").json()["messages"]
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
+}
+
+#[test]
+fn x_chat_id_honours_idempotency_keys_and_chat_busy() {
+    let upstream = FakeUpstream::start(Box::new(|n, _| (200, completion(&format!("r{n}")))));
+    let work = Workdir::new();
+    let server = work.serve(&openai_llm(upstream.addr, ""));
+    let headers = [("X-Chat-Id", "c1"), ("Idempotency-Key", "k1")];
+    let first = request(
+        server.addr,
+        "POST",
+        PATH,
+        Some(&body(false, "hi")),
+        &headers,
+    )
+    .json();
+    let again = request(
+        server.addr,
+        "POST",
+        PATH,
+        Some(&body(false, "hi")),
+        &headers,
+    )
+    .json();
+    assert_eq!(
+        first["choices"][0]["message"]["content"],
+        again["choices"][0]["message"]["content"]
+    );
+    assert_eq!(upstream.seen().len(), 1);
+    assert_eq!(stored_messages(&work.db(), "c1").len(), 2);
+    let mut replay = EventReader::post(server.addr, PATH, &body(true, "hi"), &headers);
+    let (_, first_chunk) = replay.next_event().unwrap();
+    let first_chunk: Value = serde_json::from_str(&first_chunk).unwrap();
+    assert_eq!(first_chunk["choices"][0]["delta"]["content"], "r0");
+    assert_eq!(upstream.seen().len(), 1);
+
+    let slow = Workdir::new();
+    let server = slow.serve("[llm]\nmock_latency_ms = 1500\n");
+    let addr = server.addr;
+    let busy = std::thread::spawn(move || {
+        request(
+            addr,
+            "POST",
+            PATH,
+            Some(&body(false, "a")),
+            &[("X-Chat-Id", "b")],
+        )
+    });
+    assert!(eventually(std::time::Duration::from_secs(10), || get(
+        addr, "/status"
+    )
+    .json()["workers_busy"]
+        == 1));
+    let r = request(
+        addr,
+        "POST",
+        PATH,
+        Some(&body(false, "b")),
+        &[("X-Chat-Id", "b")],
+    );
+    assert_eq!((r.status, r.error_type().as_str()), (409, "chat_busy"));
+    assert_eq!(busy.join().unwrap().status, 200);
+}
+
+#[test]
+fn bad_front_door_requests_get_the_contract_errors() {
+    let work = Workdir::new();
+    let server = work.serve("");
+    let cases = [
+        ("{}", 400, "invalid_request"),
+        (
+            r#"{"messages": [{"role": "tool", "content": "x"}]}"#,
+            400,
+            "invalid_request",
+        ),
+        ("not json", 400, "invalid_json"),
+    ];
+    for (b, status, kind) in cases {
+        let r = request(server.addr, "POST", PATH, Some(b), &[]);
+        assert_eq!((r.status, r.error_type().as_str()), (status, kind), "{b}");
+    }
+    let r = request(
+        server.addr,
+        "POST",
+        PATH,
+        Some(&body(false, "x")),
+        &[("X-Chat-Id", "bad id")],
+    );
+    assert_eq!(
+        (r.status, r.error_type().as_str()),
+        (400, "invalid_request")
+    );
+    let only_system = json!({"messages": [{"role": "system", "content": "x"}]}).to_string();
+    let r = request(
+        server.addr,
+        "POST",
+        PATH,
+        Some(&only_system),
+        &[("X-Chat-Id", "c")],
+    );
+    assert_eq!(
+        (r.status, r.error_type().as_str()),
+        (400, "invalid_request")
+    );
+    assert_eq!(request(server.addr, "GET", PATH, None, &[]).status, 405);
+}
