@@ -1,8 +1,14 @@
 //! Prometheus metrics: what the pool is doing, for `/metrics` and `/status`.
 //!
-//! Counters, gauges and histograms are atomics inside the `prometheus` crate, so workers
-//! update them without contending for a lock; the per-stage histograms are resolved once here
-//! rather than looked up by label on every request.
+//! Counters, gauges and histograms are atomics inside the `prometheus` crate. Finding the
+//! counter for a label set takes a lock inside the crate that every thread would share, so each
+//! thread keeps its own handles on the labelled counters it has used, and the per-stage
+//! histograms are resolved once here: updating a metric costs a worker an atomic add, no lock.
+
+use prometheus::IntCounter;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
@@ -18,8 +24,17 @@ const BUCKETS: &[f64] = &[
     5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 
+thread_local! {
+    /// This thread's handles on labelled counters, by (metrics id, label, status).
+    static HANDLES: RefCell<HashMap<(u64, Family, &'static str, u16), IntCounter>> = RefCell::new(HashMap::new());
+}
+
+/// Tells apart the `Metrics` of one process (tests make several).
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
 /// Every metric chatpool exports.
 pub struct Metrics {
+    id: u64,
     registry: Registry,
     requests: IntCounterVec,
     stages: Vec<Histogram>,
@@ -111,6 +126,7 @@ impl Metrics {
                 .expect("metric names are unique");
         }
         Metrics {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             registry,
             requests,
             stages,
@@ -125,10 +141,28 @@ impl Metrics {
     }
 
     /// Counts one answered request.
-    pub fn request(&self, route: &str, status: u16) {
-        self.requests
-            .with_label_values(&[route, &status.to_string()])
-            .inc();
+    pub fn request(&self, route: &'static str, status: u16) {
+        self.inc(Family::Requests, route, Some(status));
+    }
+
+    /// Increments a labelled counter through this thread's handle on it.
+    fn inc(&self, family: Family, label: &'static str, status: Option<u16>) {
+        let vec = match family {
+            Family::Requests => &self.requests,
+            Family::Rejected => &self.rejected,
+            Family::Upstream => &self.upstream,
+        };
+        let key = (self.id, family, label, status.unwrap_or(0));
+        HANDLES.with(|handles| {
+            handles
+                .borrow_mut()
+                .entry(key)
+                .or_insert_with(|| match status {
+                    Some(status) => vec.with_label_values(&[label, &status.to_string()]),
+                    None => vec.with_label_values(&[label]),
+                })
+                .inc()
+        });
     }
 
     /// Records one stage's duration; `stage` indexes [`STAGES`].
@@ -137,13 +171,13 @@ impl Metrics {
     }
 
     /// Counts a request refused before a worker saw it (`overloaded`, `chat_busy`, ...).
-    pub fn rejected(&self, reason: &str) {
-        self.rejected.with_label_values(&[reason]).inc();
+    pub fn rejected(&self, reason: &'static str) {
+        self.inc(Family::Rejected, reason, None);
     }
 
     /// Counts one call to the LLM by how it ended.
-    pub fn upstream_outcome(&self, outcome: &str) {
-        self.upstream.with_label_values(&[outcome]).inc();
+    pub fn upstream_outcome(&self, outcome: &'static str) {
+        self.inc(Family::Upstream, outcome, None);
     }
 
     /// Counts one retry of an LLM call.
@@ -158,6 +192,14 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
     }
+}
+
+/// The labelled counter families.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Family {
+    Requests,
+    Rejected,
+    Upstream,
 }
 
 #[cfg(test)]

@@ -300,7 +300,7 @@ impl Acceptor {
     fn reject(
         &self,
         request: tiny_http::Request,
-        route: &str,
+        route: &'static str,
         error: &ApiError,
         request_id: &str,
         received: Instant,

@@ -7,6 +7,7 @@ mod admission;
 mod api;
 mod auth;
 mod lifecycle;
+mod metrics;
 mod openai;
 mod resilience;
 mod streaming;

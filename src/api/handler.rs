@@ -112,6 +112,11 @@ impl Handler {
                 store: None,
             },
         };
+        log::debug!(
+            "request_id={} queued: {:.3} ms before a worker took it",
+            call.request_id,
+            call.timings.queued.as_secs_f64() * 1e3
+        );
         let outcome = catch_unwind(AssertUnwindSafe(|| self.handle(&mut call, &route, &tenant)));
         let response = match outcome {
             Ok(Ok(Outcome::Respond(response))) => Some(response),
@@ -341,8 +346,15 @@ impl Handler {
             }
             store.newest_messages(tenant, &chat_id, max_messages)?
         };
-        turn.messages = assemble(&prompt::window(newest, max_chars));
+        let window = prompt::window(newest, max_chars);
+        turn.messages = assemble(&window);
         call.timings.history = Some(started.elapsed());
+        log::debug!(
+            "request_id={} history: {} earlier messages in the window, {:.3} ms",
+            call.request_id,
+            window.len(),
+            started.elapsed().as_secs_f64() * 1e3
+        );
         self.take_turn(call, tenant, turn)
     }
 
@@ -375,6 +387,16 @@ impl Handler {
             self.llm.complete(&turn.messages, turn.sampling, None)
         };
         call.timings.llm = Some(started.elapsed());
+        log::debug!(
+            "request_id={} llm: {} after {:.1} ms",
+            call.request_id,
+            if completion.is_ok() {
+                "answered"
+            } else {
+                "failed"
+            },
+            started.elapsed().as_secs_f64() * 1e3
+        );
         let completion = match completion {
             Ok(completion) => completion,
             Err(e) if stream.is_some() => return self.answer(call, &turn, Err(e.into()), stream),
@@ -397,6 +419,16 @@ impl Handler {
             idempotency_key: turn.key.clone(),
         });
         call.timings.store = Some(started.elapsed());
+        log::debug!(
+            "request_id={} store: {} in {:.3} ms",
+            call.request_id,
+            if stored.is_ok() {
+                "committed"
+            } else {
+                "failed"
+            },
+            started.elapsed().as_secs_f64() * 1e3
+        );
         let answer = stored
             .map_err(ApiError::from)
             .map(|message_id| Answer::Stored {
