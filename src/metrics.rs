@@ -24,9 +24,12 @@ const BUCKETS: &[f64] = &[
     5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 
+/// A labelled counter: (metrics id, family, label, status or 0).
+type HandleKey = (u64, Family, &'static str, u16);
+
 thread_local! {
     /// This thread's handles on labelled counters, by (metrics id, label, status).
-    static HANDLES: RefCell<HashMap<(u64, Family, &'static str, u16), IntCounter>> = RefCell::new(HashMap::new());
+    static HANDLES: RefCell<HashMap<HandleKey, IntCounter>> = RefCell::new(HashMap::new());
 }
 
 /// Tells apart the `Metrics` of one process (tests make several).
