@@ -37,6 +37,10 @@ SCENARIOS = {
     "scale": (1000, 1024, [1024], 10000, 0),
 }
 QUEUE_CAPACITY = 64
+# Streamed replies: the LLM takes STREAM_LATENCY_MS to its first chunk, then STREAM_CHUNKS chunks
+# STREAM_GAP_MS apart; STREAM_CLIENTS clients, each one stream after another, on STREAM_WORKERS.
+STREAM_LATENCY_MS, STREAM_CHUNKS, STREAM_GAP_MS = 100, 10, 20
+STREAM_WORKERS, STREAM_CLIENTS = 16, 24
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -215,6 +219,80 @@ def run_phase(binary, name, connections, args, work):
     return row
 
 
+def stream_once(addr, chat):
+    """One streamed message: (time to first delta, total, the done event's timings) in ms."""
+    conn = http.client.HTTPConnection(addr, timeout=30)
+    started = time.perf_counter()
+    conn.request("POST", f"/v1/chats/{chat}/messages", json.dumps({"content": "stream", "stream": True}))
+    response = conn.getresponse()
+    first, done = None, None
+    while True:
+        line = response.readline()
+        if not line:
+            break
+        if line.startswith(b"data: ") and first is None:
+            first = (time.perf_counter() - started) * 1000
+        if line.startswith(b"event: done"):
+            done = json.loads(response.readline()[6:])
+    total = (time.perf_counter() - started) * 1000
+    conn.close()
+    return first, total, done["timings_ms"] if done else None
+
+
+def run_streaming(binary, args, work):
+    """Time to first byte of streamed replies, and how much of it is queue and upstream."""
+    mock = Proc([binary, "mock-llm", "--listen", "127.0.0.1:0", "--latency-ms", str(STREAM_LATENCY_MS),
+                 "--chunks", str(STREAM_CHUNKS), "--chunk-gap-ms", str(STREAM_GAP_MS), "--reply-words", "40"],
+                "listening on http://", os.path.join(work, "mock.log"))
+    config = os.path.join(work, "config.toml")
+    with open(config, "w") as f:
+        f.write(f'[server]\nlisten = "127.0.0.1:0"\nmax_concurrent_requests = {STREAM_WORKERS}\n\n'
+                f'[storage]\npath = "{os.path.join(work, "chat.db")}"\n\n'
+                f'[llm]\nprovider = "openai"\nbase_url = "http://{mock.addr}/v1"\napi_key_env = "LOAD_NO_KEY"\n')
+    server = Proc([binary, "--config", config], "listening on http://", os.path.join(work, "chatpool.log"))
+    samples = []
+    deadline = time.time() + args.duration
+
+    def client(k):
+        n = 0
+        while time.time() < deadline:
+            samples.append(stream_once(server.addr, f"stream-{k}-{n}"))
+            n += 1
+    try:
+        with ThreadPoolExecutor(STREAM_CLIENTS) as pool:
+            list(pool.map(client, range(STREAM_CLIENTS)))
+    finally:
+        server.stop()
+        mock.stop()
+    ok = [s for s in samples if s[0] is not None and s[2]]
+    ttfb = sorted(s[0] for s in ok)
+    queued = statistics.mean(s[2]["queued"] for s in ok)
+    mean_ttfb = statistics.mean(ttfb)
+    return {
+        "scenario": "streaming", "clients": STREAM_CLIENTS, "workers": STREAM_WORKERS,
+        "upstream_first_chunk_ms": STREAM_LATENCY_MS, "chunks": STREAM_CHUNKS, "chunk_gap_ms": STREAM_GAP_MS,
+        "streams": len(ok), "failed": len(samples) - len(ok),
+        "ttfb_ms": {"p50": percentile(ttfb, 50), "p90": percentile(ttfb, 90), "p99": percentile(ttfb, 99),
+                    "mean": round(mean_ttfb, 2)},
+        "total_ms_p50": percentile(sorted(s[1] for s in ok), 50),
+        "queued_ms_mean": round(queued, 2),
+        "queue_share_of_ttfb": round(queued / mean_ttfb, 3),
+        "upstream_share_of_ttfb": round(STREAM_LATENCY_MS / mean_ttfb, 3),
+    }
+
+
+def print_streaming(row):
+    t = row["ttfb_ms"]
+    print(f"\nstreaming: {row['streams']} streams ({row['failed']} failed), {row['clients']} clients on "
+          f"{row['workers']} workers; LLM's first chunk after {row['upstream_first_chunk_ms']} ms, then "
+          f"{row['chunks']} chunks {row['chunk_gap_ms']} ms apart")
+    print(f"  time to first delta: p50 {fmt(t['p50'])} ms, p90 {fmt(t['p90'])} ms, p99 {fmt(t['p99'])} ms, "
+          f"mean {fmt(t['mean'])} ms; whole stream p50 {fmt(row['total_ms_p50'])} ms")
+    print(f"  of the mean time to first delta: queue {row['queue_share_of_ttfb']:.1%} "
+          f"({fmt(row['queued_ms_mean'])} ms), upstream {row['upstream_share_of_ttfb']:.1%}, "
+          f"the rest chatpool and the network")
+
+
 def fmt(v, digits=1):
     return "-" if v is None else f"{v:.{digits}f}"
 
@@ -238,13 +316,13 @@ def print_rows(rows):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("scenarios", nargs="*", metavar="SCENARIO",
-                        help=f"any of {', '.join(SCENARIOS)} (default: all)")
+                        help=f"any of {', '.join(SCENARIOS)}, streaming (default: all)")
     parser.add_argument("--bin", help="chatpool binary (default: build target/release/chatpool)")
     parser.add_argument("--duration", type=int, default=15, help="seconds per measured phase (15)")
     parser.add_argument("--warmup", type=int, default=3, help="seconds of warm-up, 0 for none (3)")
     args = parser.parse_args()
-    names = args.scenarios or list(SCENARIOS)
-    unknown = [n for n in names if n not in SCENARIOS]
+    names = args.scenarios or [*SCENARIOS, "streaming"]
+    unknown = [n for n in names if n not in SCENARIOS and n != "streaming"]
     if unknown:
         parser.error(f"unknown scenario {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
     ensure_wrk()
@@ -254,12 +332,22 @@ def main():
         binary = os.path.join(ROOT, "target", "release", "chatpool")
     binary = os.path.abspath(binary)
     rows = []
+    streaming = None
     for name in names:
+        if name == "streaming":
+            with tempfile.TemporaryDirectory(prefix="chatpool-load-") as work:
+                log(f"load: streaming, {STREAM_CLIENTS} clients, {args.duration} s")
+                streaming = run_streaming(binary, args, work)
+            continue
         for connections in SCENARIOS[name][2]:
             with tempfile.TemporaryDirectory(prefix="chatpool-load-") as work:
                 log(f"load: {name}, {connections} connections, {args.duration} s")
                 rows.append(run_phase(binary, name, connections, args, work))
-    print_rows(rows)
+    if rows:
+        print_rows(rows)
+    if streaming:
+        print_streaming(streaming)
+        rows.append(streaming)
     out_dir = os.path.join(ROOT, "target", "load")
     os.makedirs(out_dir, exist_ok=True)
     out = os.path.join(out_dir, time.strftime("%Y%m%d-%H%M%S") + ".json")
