@@ -55,5 +55,11 @@ for group, share in sorted(total.items(), key=lambda kv: -kv[1]):
         print(f"  {s:6.2f}%  {sym[:110]}")
 '
 done | tee "$out/top.txt"
-echo
+if command -v inferno-flamegraph >/dev/null; then
+  perf script -i "$out/perf.data" 2>/dev/null | inferno-collapse-perf \
+    | grep -E '^(worker-|acceptor|store-|chatpool)' | inferno-flamegraph > "$out/chatpool.svg"
+  echo "profile: flame graph of chatpool's threads in $out/chatpool.svg"
+else
+  echo "profile: for a flame graph, cargo install inferno and run this again"
+fi
 echo "profile: perf data in $out/perf.data; per-thread tops in $out/top.txt"
