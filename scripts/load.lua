@@ -42,13 +42,15 @@ function init(args)
 end
 
 local function pick_chat()
-  -- Chats k with k % threads == thread_index belong to this thread.
+  -- Chats k with k % threads == thread_index belong to this thread: a random one that has no
+  -- request in flight, found by walking on from a random start when the first pick is busy.
   local owned = math.floor((chats - 1 - thread_index) / threads) + 1
-  for _ = 1, 8 do
-    local k = thread_index + threads * math.random(0, owned - 1)
+  local start = math.random(0, owned - 1)
+  for step = 0, owned - 1 do
+    local k = thread_index + threads * ((start + step) % owned)
     if not busy[k] then return k end
   end
-  return thread_index + threads * math.random(0, owned - 1)
+  return thread_index + threads * start
 end
 
 function request()
