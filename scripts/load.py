@@ -188,8 +188,10 @@ def run_phase(binary, name, connections, args, work):
         if args.warmup:
             wrk(server.addr, min(connections, workers), args.warmup, chats)
             time.sleep(1)
-        out_dir = os.path.join(work, f"lat-{connections}")
-        os.mkdir(out_dir)
+        # The per-request latency log goes to memory when it can: wrk writes a line per response,
+        # and on a disk busy with the database's writeback those writes stall wrk itself.
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        out_dir = tempfile.mkdtemp(prefix=f"chatpool-load-lat-{connections}-", dir=shm)
         sampler = Sampler(server.p.pid)
         sampler.start()
         started = time.time()
@@ -200,6 +202,7 @@ def run_phase(binary, name, connections, args, work):
         server.stop()
         mock.stop()
     by_status = read_latencies(out_dir)
+    shutil.rmtree(out_dir, ignore_errors=True)
     ok = sorted(v for s, vals in by_status.items() if 200 <= s < 300 for v in vals)
     total = sum(len(v) for v in by_status.values())
     row = {

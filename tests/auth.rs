@@ -135,12 +135,22 @@ fn a_tenant_cannot_see_or_touch_another_tenants_chat() {
     assert!(!upstream.seen()[1].body.to_string().contains("bob's secret"));
 
     // The OpenAI front door with X-Chat-Id: alice's "shared" is still her own chat.
-    let front_door = serde_json::json!({"messages": [{"role": "user", "content": "via sdk"}]}).to_string();
+    let front_door =
+        serde_json::json!({"messages": [{"role": "user", "content": "via sdk"}]}).to_string();
     let as_a_chat = [("Authorization", a.as_str()), ("X-Chat-Id", "shared")];
-    let r = request(server.addr, "POST", "/v1/chat/completions", Some(&front_door), &as_a_chat);
+    let r = request(
+        server.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&front_door),
+        &as_a_chat,
+    );
     assert_eq!(r.status, 200);
     let last = upstream.seen().pop().unwrap();
-    assert!(!last.body.to_string().contains("bob's secret"), "alice's prompt held bob's history");
+    assert!(
+        !last.body.to_string().contains("bob's secret"),
+        "alice's prompt held bob's history"
+    );
     assert!(last.body.to_string().contains("alice here"));
 
     let after = request(server.addr, "GET", messages, None, &as_b).body;

@@ -153,7 +153,16 @@ fn x_chat_id_honours_idempotency_keys_and_chat_busy() {
     let work = Workdir::new();
     let server = work.serve(&openai_llm(upstream.addr, ""));
     let headers = [("X-Chat-Id", "c1"), ("Idempotency-Key", "k1")];
-    let post = || request(server.addr, "POST", PATH, Some(&body(false, "hi")), &headers).json();
+    let post = || {
+        request(
+            server.addr,
+            "POST",
+            PATH,
+            Some(&body(false, "hi")),
+            &headers,
+        )
+        .json()
+    };
     let (first, again) = (post(), post());
     assert_eq!(
         first["choices"][0]["message"]["content"],
