@@ -139,3 +139,36 @@ impl Drop for TaskPool {
         self.sharing.condvar.notify_all();
     }
 }
+
+// chatpool patch: the regression test for the fix in `spawn`.
+#[cfg(test)]
+mod tests {
+    use super::TaskPool;
+    use std::sync::mpsc;
+    use std::sync::{Arc, Barrier};
+    use std::time::Duration;
+
+    #[test]
+    fn every_task_of_a_burst_of_long_tasks_runs_at_once() {
+        const TASKS: usize = 32;
+        let pool = TaskPool::new();
+        // Let the four initial threads reach their wait, as they have on a server at rest.
+        std::thread::sleep(Duration::from_millis(200));
+        let (started_tx, started_rx) = mpsc::channel();
+        let release = Arc::new(Barrier::new(TASKS + 1));
+        for _ in 0..TASKS {
+            let (started_tx, release) = (started_tx.clone(), release.clone());
+            // Like a keep-alive connection: the task holds its thread until released.
+            pool.spawn(Box::new(move || {
+                let _ = started_tx.send(());
+                release.wait();
+            }));
+        }
+        for n in 0..TASKS {
+            started_rx
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|_| panic!("only {} of {} tasks got a thread", n, TASKS));
+        }
+        release.wait();
+    }
+}
