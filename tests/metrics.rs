@@ -102,6 +102,10 @@ fn counters_and_histograms_move_by_exactly_the_requests_made() {
     assert_eq!(busy.get("chatpool_workers_busy{}"), 1.0);
     assert_eq!(slow.join().unwrap().status, 200);
     assert_eq!(get(addr, "/v1/chats/nope/messages").status, 404);
+    // A worker counts its request just after the response is out; it is idle once that is done.
+    assert!(eventually(Duration::from_secs(5), || get(addr, "/status")
+        .json()["workers_busy"]
+        == 0));
     let after = Scrape::parse(&get(addr, "/metrics").text());
     for (family, kind) in [
         ("chatpool_requests_total", "counter"),

@@ -43,11 +43,14 @@ fn a_stateless_relay_answers_in_openai_shape_and_stores_nothing() {
     let models = get(server.addr, "/v1/models").json();
     assert_eq!(models["data"][0]["id"], "m-1");
     assert_eq!(models["object"], "list");
-    let metrics = get(server.addr, "/metrics").text();
-    assert!(
-        metrics.contains(r#"chatpool_requests_total{route="chat_completions",status="200"} 1"#),
-        "{metrics}"
-    );
+    // The worker counts the request just after its response is out.
+    let counted = r#"chatpool_requests_total{route="chat_completions",status="200"} 1"#;
+    assert!(eventually(std::time::Duration::from_secs(5), || get(
+        server.addr,
+        "/metrics"
+    )
+    .text()
+    .contains(counted)));
 }
 
 #[test]

@@ -63,7 +63,7 @@ fn the_deltas_add_up_to_the_done_reply_and_the_stored_reply() {
 
 #[test]
 fn the_first_delta_arrives_before_the_upstream_sends_the_second() {
-    let mock = mock_llm(&["--chunks", "3", "--chunk-gap-ms", "500"]);
+    let mock = mock_llm(&["--chunks", "3", "--chunk-gap-ms", "1000"]);
     let work = Workdir::new();
     let server = work.serve(&openai_llm(mock.addr, ""));
     let started = Instant::now();
@@ -71,15 +71,15 @@ fn the_first_delta_arrives_before_the_upstream_sends_the_second() {
     let (name, _) = events.next_event().unwrap();
     let first = started.elapsed();
     assert_eq!(name, None);
-    // The upstream sends its second chunk 500 ms after the first.
+    // The upstream sends its second chunk 1000 ms after the first.
     assert!(
-        first < Duration::from_millis(450),
+        first < Duration::from_millis(900),
         "first delta after {first:?}"
     );
     let (_, end, _) = deltas_and_end(&mut events);
     assert_eq!(end.as_deref(), Some("done"));
     assert!(
-        started.elapsed() >= Duration::from_millis(1000),
+        started.elapsed() >= Duration::from_millis(2000),
         "{:?}",
         started.elapsed()
     );
@@ -154,9 +154,7 @@ fn a_client_that_leaves_mid_stream_frees_its_worker_and_closes_the_upstream() {
         .as_u64()
         >= Some(1)));
     assert!(stored_messages(&work.db(), "gone").is_empty());
-    assert!(eventually(Duration::from_secs(5), || server
-        .log()
-        .contains("went away mid-stream")));
+    assert!(server.log_shows("went away mid-stream"));
 }
 
 #[test]

@@ -41,13 +41,15 @@ impl Proc {
         let marker = marker.to_string();
         thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                {
+                    let mut log = sink.lock().unwrap();
+                    log.push_str(&line);
+                    log.push('\n');
+                }
                 if let Some(rest) = line.split(&marker).nth(1) {
                     let addr = rest.split(['/', ' ']).next().unwrap_or("").to_string();
                     let _ = tx.send(addr);
                 }
-                let mut log = sink.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
             }
         });
         let mut proc = Proc {
@@ -68,6 +70,11 @@ impl Proc {
 
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the log holds `text`; lines reach it from another thread, a moment late.
+    pub fn log_shows(&self, text: &str) -> bool {
+        eventually(Duration::from_secs(5), || self.log().contains(text))
     }
 
     /// Sends a signal such as `libc::SIGTERM` to the process.
