@@ -1,8 +1,8 @@
 //! chatpool: a chat backend for one machine, served by a fixed pool of OS threads.
 //!
-//! A request flows one way: tiny_http → the acceptor thread ([`server`]), which admits it
-//! ([`admission`]) (after [`auth`] names its tenant) into a bounded channel → a worker thread ([`pool`]) running the API handler
-//! ([`api`]) → SQLite ([`store`]) and the LLM ([`llm`]) → the response. [`config`] holds the
+//! A request flows one way: tiny_http → the acceptor thread ([`server`]), which names its tenant
+//! ([`auth`]) and admits it ([`admission`]) into a bounded channel → a worker thread ([`pool`])
+//! running the API handler ([`api`]) → SQLite ([`store`]) and the LLM ([`llm`]) → the response. [`config`] holds the
 //! settings, [`metrics`] what the pool is doing, and [`mock_llm`] a fake LLM server for tests
 //! and load.
 

@@ -2,9 +2,10 @@
 //!
 //! Threads are started once and live as long as the channel has a sender: the acceptor holds
 //! the only one, so dropping it lets the workers finish what is queued and return. Each worker
-//! owns what it needs (its own database connection, its clone of the LLM client) inside its
-//! closure, so workers share no lock. A job that panics is caught and logged; the thread takes
-//! the next job, because losing a worker would quietly shrink the pool for every user.
+//! owns what it needs (its handler, with its clone of the LLM client and its handles on storage)
+//! inside its closure, and holds no lock across I/O. A job that panics is caught and logged; the
+//! thread takes the next job, because losing a worker would quietly shrink the pool for every
+//! user.
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use std::panic::{catch_unwind, AssertUnwindSafe};

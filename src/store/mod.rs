@@ -1,10 +1,11 @@
 //! Storage: chats and their messages in one SQLite file.
 //!
-//! Every worker owns one [`Store`] (a connection with its own statement cache), so no lock is
-//! shared between workers; SQLite's WAL lets readers run beside the one writer. The schema is an
-//! append-only list of migrations indexed by `PRAGMA user_version`, applied in one transaction at
-//! start-up; a database newer than this code, or one that is not chatpool's, is refused rather
-//! than touched.
+//! A [`Store`] is one connection with its own statement cache, used by one thread at a time:
+//! workers borrow one of a few shared read connections ([`Readers`]) for a read, and hand their
+//! exchanges to the one [`Writer`] thread, which commits them in groups; SQLite's WAL lets the
+//! readers run beside it. The schema is an append-only list of migrations indexed by
+//! `PRAGMA user_version`, applied in one transaction at start-up; a database newer than this
+//! code, or one that is not chatpool's, is refused rather than touched.
 
 use crate::config::Synchronous;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
@@ -194,7 +195,7 @@ pub struct Store {
 
 impl Store {
     /// Opens the file (creating it when missing), sets the pragmas and brings the schema up to
-    /// date. Call once at start-up before the workers [`Store::open`] their own connections.
+    /// date. Call once at start-up, before any other connection is opened with [`Store::open`].
     pub fn open_and_migrate(path: &Path, sync: Synchronous) -> Result<Store, StoreError> {
         let mut store = Store::open(path, sync)?;
         store.migrate()?;
