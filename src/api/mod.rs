@@ -1,6 +1,6 @@
 //! The HTTP API: routing, request parsing, the handlers the workers run, and the responses.
 //!
-//! The acceptor uses [`route`] to decide where a request goes; workers run [`Handler`] on the
+//! The acceptor uses [`route()`] to decide where a request goes; workers run [`Handler`] on the
 //! [`Job`]s it queues. Responses are built here and nowhere else, so every one carries
 //! `X-Request-Id` and every error has the contract's shape.
 
