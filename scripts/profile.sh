@@ -51,7 +51,7 @@ for line in sys.stdin:
 title = "inclusive time of chatpool steps" if inclusive else "self time"
 for group, share in sorted(total.items(), key=lambda kv: -kv[1]):
     print(f"\n== {group} ({title})")
-    for sym, s in groups[group].most_common(12):
+    for sym, s in groups[group].most_common(20 if inclusive else 12):
         print(f"  {s:6.2f}%  {sym[:110]}")
 '
 done | tee "$out/top.txt"
