@@ -41,14 +41,10 @@ pub struct Metrics {
     registry: Registry,
     requests: IntCounterVec,
     stages: Vec<Histogram>,
-    /// Worker threads.
-    pub workers: IntGauge,
     /// Workers handling a request right now.
     pub workers_busy: IntGauge,
     /// Admitted requests waiting for a worker (set when scraped).
     pub queue_depth: IntGauge,
-    /// Requests that may wait.
-    pub queue_capacity: IntGauge,
     rejected: IntCounterVec,
     upstream: IntCounterVec,
     upstream_retries: prometheus::IntCounter,
@@ -133,10 +129,8 @@ impl Metrics {
             registry,
             requests,
             stages,
-            workers: workers_gauge,
             workers_busy,
             queue_depth,
-            queue_capacity: queue_capacity_gauge,
             rejected,
             upstream,
             upstream_retries,

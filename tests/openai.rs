@@ -112,11 +112,6 @@ fn x_chat_id_puts_the_stored_history_after_the_system_message_and_stores_the_tur
     let r = request(server.addr, "POST", PATH, Some(&second.to_string()), &chat);
     assert_eq!(r.json()["choices"][0]["message"]["content"], "r1");
     let seen = upstream.seen();
-    let pairs = |v: &[(&str, &str)]| {
-        v.iter()
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-            .collect::<Vec<_>>()
-    };
     assert_eq!(
         seen[0].messages(),
         pairs(&[("system", "SYS"), ("user", "first")])

@@ -3,12 +3,6 @@
 use crate::support::*;
 use std::time::{Duration, Instant};
 
-fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
-    list.iter()
-        .map(|(r, c)| (r.to_string(), c.to_string()))
-        .collect()
-}
-
 #[test]
 fn the_upstream_gets_system_prompt_history_window_new_message_model_and_key() {
     let upstream = FakeUpstream::start(Box::new(|n, _| (200, completion(&format!("r{n}")))));

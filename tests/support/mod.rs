@@ -323,6 +323,13 @@ impl Seen {
     }
 }
 
+/// (role, content) pairs as [`Seen::messages`] gives them, from string literals.
+pub fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    list.iter()
+        .map(|(r, c)| (r.to_string(), c.to_string()))
+        .collect()
+}
+
 /// What the fake upstream answers to its n-th request (0-based).
 pub type Script = dyn Fn(usize, &Seen) -> (u16, String) + Send + Sync;
 
