@@ -39,6 +39,11 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// How long admitted work may run on after SIGTERM/SIGINT; default 30.
     pub shutdown_grace_secs: u64,
+    /// How long a client may stay silent in the middle of a request, idle between requests,
+    /// or not take the bytes of a response; default 30.
+    pub client_timeout_secs: u64,
+    /// Client connections open at once (each holds a thread); default 4096.
+    pub max_connections: usize,
 }
 
 impl Default for ServerConfig {
@@ -49,6 +54,8 @@ impl Default for ServerConfig {
             queue_capacity: 64,
             max_body_bytes: 65536,
             shutdown_grace_secs: 30,
+            client_timeout_secs: 30,
+            max_connections: 4096,
         }
     }
 }
@@ -239,6 +246,12 @@ impl Config {
         }
         if s.max_body_bytes == 0 {
             return bad("server.max_body_bytes", "must be at least 1");
+        }
+        if s.client_timeout_secs == 0 {
+            return bad("server.client_timeout_secs", "must be at least 1");
+        }
+        if s.max_connections == 0 {
+            return bad("server.max_connections", "must be at least 1");
         }
         if self.storage.path.as_os_str().is_empty() {
             return bad("storage.path", "must not be empty");

@@ -100,10 +100,13 @@ impl Server {
             addr: config.server.listen.clone(),
             reason,
         };
+        ensure_descriptors(config.server.max_connections + workers.min(MAX_READERS) + 64);
         let listener =
             TcpListener::bind(&config.server.listen).map_err(|e| bind_error(e.to_string()))?;
         set_nodelay(&listener).map_err(|e| bind_error(e.to_string()))?;
-        let http = tiny_http::Server::from_listener(listener, None)
+        let metrics = Arc::new(Metrics::new(workers, config.server.queue_capacity));
+        let limits = connection_limits(&config, Arc::clone(&metrics));
+        let http = tiny_http::Server::from_listener_with_limits(listener, limits)
             .map_err(|e| bind_error(e.to_string()))?;
         let addr = http.server_addr().to_ip().ok_or_else(|| StartError::Bind {
             addr: config.server.listen.clone(),
@@ -111,7 +114,6 @@ impl Server {
         })?;
         let http = Arc::new(http);
 
-        let metrics = Arc::new(Metrics::new(workers, config.server.queue_capacity));
         let llm = LlmClient::new(&config.llm, workers, Arc::clone(&metrics));
         if config.llm.provider == crate::config::Provider::Openai && !llm.has_key() {
             log::warn!(
@@ -197,6 +199,68 @@ impl Server {
     }
 }
 
+/// The longest request line plus headers a client may send; more is a 414 or 431.
+const MAX_HEAD_BYTES: usize = 16 << 10;
+
+/// What tiny_http lets one client connection hold, and the answer when it refuses one: the
+/// contract's error shape, counted and logged like every other refusal.
+fn connection_limits(config: &Config, metrics: Arc<Metrics>) -> tiny_http::ConnectionLimits {
+    tiny_http::ConnectionLimits {
+        timeout: Some(Duration::from_secs(config.server.client_timeout_secs)),
+        max_connections: config.server.max_connections,
+        max_head_bytes: MAX_HEAD_BYTES,
+        max_body_bytes: Some(config.server.max_body_bytes),
+        respond: Arc::new(move |refusal| {
+            let error = ApiError::Refused(refusal);
+            let request_id = api::new_request_id();
+            let (status, kind) = error.status_and_type();
+            if refusal == tiny_http::Refusal::TooManyConnections {
+                metrics.rejected("too_many_connections");
+            }
+            metrics.request("refused", status);
+            log::info!("refused {status} {kind}: {error} request_id={request_id}");
+            api::with_header(
+                api::error_response(&error, &request_id),
+                "X-Request-Id",
+                &request_id,
+            )
+        }),
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit (as Go's runtime does at start-up),
+/// and warns when even that is below what `max_connections` needs: past it, accepting fails
+/// with EMFILE and new clients wait in the listen backlog.
+fn ensure_descriptors(needed: usize) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read or fill the one struct passed, which lives across
+    // each call.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    if (limit.rlim_cur as u128) < needed as u128 {
+        log::warn!(
+            "server.max_connections needs about {needed} open files but the limit is {}; \
+             raise it (ulimit -n, or LimitNOFILE= under systemd) or lower max_connections",
+            limit.rlim_cur
+        );
+    }
+}
+
 /// Sets TCP_NODELAY on the listening socket; Linux hands it down to every accepted connection.
 /// tiny_http offers no way to set it per connection, and without it the small writes of a
 /// streamed reply wait on the client's delayed ACK (Nagle's algorithm), up to 40 ms a piece.
@@ -262,7 +326,7 @@ impl Acceptor {
         let request_id = api::header(&request, "X-Request-Id")
             .filter(|id| api::request::is_sane_token(id))
             .map(str::to_string)
-            .unwrap_or_else(|| format!("{:016x}", fastrand::u64(..)));
+            .unwrap_or_else(api::new_request_id);
         match api::route(
             request.method(),
             request.url(),
@@ -299,8 +363,9 @@ impl Acceptor {
             Ok(tenant) => tenant.to_string(),
             Err(e) => return Err(Box::new((request, ApiError::Unauthorized(e.message())))),
         };
-        let limit = self.config.server.max_body_bytes;
-        if route.has_body() && request.body_length().is_some_and(|n| n > limit) {
+        // Read whole by the connection's thread, unless longer than the limit.
+        if request.body_exceeds_limit() {
+            let limit = self.config.server.max_body_bytes;
             return Err(Box::new((request, ApiError::PayloadTooLarge { limit })));
         }
         let busy_key = route.busy_chat().map(|chat| format!("{tenant}/{chat}"));

@@ -34,8 +34,12 @@ pub enum ApiError {
     ShuttingDown,
     /// 502 `upstream_error` or 504 `upstream_timeout`.
     Upstream(UpstreamError),
-    /// 500 `internal`: the database failed.
+    /// 503 `storage_unavailable` while the database is locked, full or read-only (a fault that
+    /// clears by itself or by an operator); 500 `internal` for any other database failure.
     Store(StoreError),
+    /// Refused by the HTTP layer before a request could be read whole: a malformed or
+    /// oversized head, a client too slow, too many connections.
+    Refused(tiny_http::Refusal),
     /// 500 `internal`: anything else.
     Internal(String),
 }
@@ -56,7 +60,23 @@ impl ApiError {
             ApiError::Upstream(UpstreamError::Timeout { .. }) => (504, "upstream_timeout"),
             ApiError::Upstream(UpstreamError::Paused { .. }) => (503, "upstream_unavailable"),
             ApiError::Upstream(_) => (502, "upstream_error"),
+            ApiError::Store(StoreError::Busy | StoreError::Unavailable(_)) => {
+                (503, "storage_unavailable")
+            }
             ApiError::Store(_) | ApiError::Internal(_) => (500, "internal"),
+            ApiError::Refused(refusal) => {
+                use tiny_http::Refusal::*;
+                let kind = match refusal {
+                    BadRequest(_) => "invalid_request",
+                    Timeout => "request_timeout",
+                    UriTooLong => "uri_too_long",
+                    ExpectationFailed => "expectation_failed",
+                    HeadersTooLarge => "headers_too_large",
+                    TooManyConnections => "overloaded",
+                    VersionNotSupported => "http_version_not_supported",
+                };
+                (refusal.status(), kind)
+            }
         }
     }
 
@@ -65,7 +85,12 @@ impl ApiError {
         match self {
             ApiError::MethodNotAllowed { allow } => vec![("Allow", allow.to_string())],
             ApiError::Unauthorized(_) => vec![("WWW-Authenticate", "Bearer".into())],
-            ApiError::ChatBusy | ApiError::Overloaded => vec![("Retry-After", "1".into())],
+            ApiError::ChatBusy
+            | ApiError::Overloaded
+            | ApiError::Store(StoreError::Busy | StoreError::Unavailable(_))
+            | ApiError::Refused(tiny_http::Refusal::TooManyConnections) => {
+                vec![("Retry-After", "1".into())]
+            }
             ApiError::ShuttingDown => vec![("Retry-After", "5".into())],
             ApiError::Upstream(UpstreamError::Paused { retry_after }) => {
                 let secs = retry_after.as_secs_f64().ceil().max(1.0);
@@ -105,6 +130,10 @@ impl fmt::Display for ApiError {
             ApiError::Overloaded => f.write_str("every worker is busy and the queue is full; retry shortly"),
             ApiError::ShuttingDown => f.write_str("the server is shutting down; retry against another instance or later"),
             ApiError::Upstream(e) => e.fmt(f),
+            ApiError::Refused(refusal) => refusal.fmt(f),
+            ApiError::Store(StoreError::Busy | StoreError::Unavailable(_)) => f.write_str(
+                "the database is unavailable just now (locked, full or read-only); retry shortly",
+            ),
             // Details of server faults go to the log under the request id, not to the client.
             ApiError::Store(_) | ApiError::Internal(_) => {
                 f.write_str("internal error; the server log has the details under this request id")
@@ -163,6 +192,31 @@ mod tests {
         assert_eq!(body["error"]["request_id"], "r1");
         assert!(!body.to_string().contains("/var/x"));
         assert_eq!(log_detail(&e).as_deref(), Some("secret path /var/x"));
+    }
+
+    #[test]
+    fn storage_faults_that_clear_are_503_and_the_rest_500() {
+        let locked = ApiError::from(StoreError::Busy);
+        assert_eq!(locked.status_and_type(), (503, "storage_unavailable"));
+        assert_eq!(locked.headers(), [("Retry-After", "1".to_string())]);
+        let full = ApiError::from(StoreError::Unavailable("database or disk is full".into()));
+        assert_eq!(full.status_and_type(), (503, "storage_unavailable"));
+        assert!(!full.body("r").to_string().contains("disk is full"));
+        let broken = ApiError::from(StoreError::Sqlite("no such table: messages".into()));
+        assert_eq!(broken.status_and_type(), (500, "internal"));
+    }
+
+    #[test]
+    fn http_refusals_keep_their_status_and_get_a_type() {
+        use tiny_http::Refusal;
+        for (refusal, status, kind) in [
+            (Refusal::BadRequest("x"), 400, "invalid_request"),
+            (Refusal::Timeout, 408, "request_timeout"),
+            (Refusal::HeadersTooLarge, 431, "headers_too_large"),
+            (Refusal::TooManyConnections, 503, "overloaded"),
+        ] {
+            assert_eq!(ApiError::Refused(refusal).status_and_type(), (status, kind));
+        }
     }
 
     #[test]

@@ -56,6 +56,11 @@ pub fn respond(request: tiny_http::Request, response: HttpResponse, request_id: 
     }
 }
 
+/// A fresh request id, for a request that did not bring a sane one.
+pub fn new_request_id() -> String {
+    format!("{:016x}", fastrand::u64(..))
+}
+
 /// The value of a request header, by case-insensitive name.
 pub fn header<'a>(request: &'a tiny_http::Request, name: &'static str) -> Option<&'a str> {
     request

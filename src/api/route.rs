@@ -83,14 +83,6 @@ impl Route {
             _ => None,
         }
     }
-
-    /// Whether the request carries a body.
-    pub fn has_body(&self) -> bool {
-        matches!(
-            self,
-            Route::PostMessage { .. } | Route::ChatCompletions { .. }
-        )
-    }
 }
 
 impl Ops {

@@ -99,7 +99,8 @@ use std::io::Error as IoError;
 use std::io::ErrorKind as IoErrorKind;
 use std::io::Result as IoResult;
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
-use std::sync::atomic::AtomicBool;
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -112,6 +113,7 @@ use util::MessagesQueue;
 
 pub use common::{HTTPVersion, Header, HeaderField, Method, StatusCode};
 pub use connection::{ConfigListenAddr, ListenAddr, Listener};
+pub use limits::{ConnectionLimits, Refusal, RefusalResponder};
 pub use request::{ReadWrite, Request};
 pub use response::{Response, ResponseBox};
 pub use test::TestRequest;
@@ -119,6 +121,7 @@ pub use test::TestRequest;
 mod client;
 mod common;
 mod connection;
+mod limits;
 mod request;
 mod response;
 mod ssl;
@@ -243,7 +246,22 @@ impl Server {
         listener: L,
         ssl_config: Option<SslConfig>,
     ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
-        let listener = listener.into();
+        Self::start(listener.into(), ssl_config, ConnectionLimits::default())
+    }
+
+    /// chatpool patch: builds a server on the listener whose connections keep to `limits`.
+    pub fn from_listener_with_limits<L: Into<Listener>>(
+        listener: L,
+        limits: ConnectionLimits,
+    ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
+        Self::start(listener.into(), None, limits)
+    }
+
+    fn start(
+        listener: Listener,
+        ssl_config: Option<SslConfig>,
+        limits: ConnectionLimits,
+    ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
         // building the "close" variable
         let close_trigger = Arc::new(AtomicBool::new(false));
 
@@ -285,68 +303,84 @@ impl Server {
 
         let inside_close_trigger = close_trigger.clone();
         let inside_messages = messages.clone();
-        thread::spawn(move || {
+        let limits = Arc::new(limits);
+        let accept_thread = thread::Builder::new().name("http-accept".into());
+        accept_thread.spawn(move || {
             // a tasks pool is used to dispatch the connections into threads
             let tasks_pool = util::TaskPool::new();
+            let open = Arc::new(AtomicUsize::new(0));
+            let mut accept_errors = util::RateLimitedLog::new(Duration::from_secs(10));
 
             log::debug!("Running accept thread");
             while !inside_close_trigger.load(Relaxed) {
-                let new_client = match server.accept() {
-                    Ok((sock, _)) => {
-                        use util::RefinedTcpStream;
-                        let (read_closable, write_closable) = match ssl {
-                            None => RefinedTcpStream::new(sock),
-                            #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
-                            Some(ref ssl) => {
-                                // trying to apply SSL over the connection
-                                // if an error occurs, we just close the socket and resume listening
-                                let sock = match ssl.accept(sock) {
-                                    Ok(s) => s,
-                                    Err(_) => continue,
-                                };
+                let (sock, _) = match server.accept() {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // chatpool patch: an accept error (most often EMFILE: out of file
+                        // descriptors) used to end this loop, and with it the server. Wait a
+                        // moment for connections to close, and go on.
+                        accept_errors.log(|| format!("Error accepting new client: {}", e));
+                        thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                };
+                // chatpool patch: bound how long a client may keep the connection's thread
+                // waiting, and how many connections are open at once.
+                if let Err(e) = sock.set_timeouts(limits.timeout) {
+                    log::debug!("Cannot set timeouts on a new connection: {}", e);
+                    continue;
+                }
+                let slot = match util::Slot::take(&open, limits.max_connections) {
+                    Some(slot) => slot,
+                    None => {
+                        refuse_connection(sock, &limits);
+                        continue;
+                    }
+                };
+                let drain = sock.try_clone().ok();
 
-                                RefinedTcpStream::new(sock)
-                            }
-                            #[cfg(not(any(feature = "ssl-openssl", feature = "ssl-rustls")))]
-                            Some(ref _ssl) => unreachable!(),
+                use util::RefinedTcpStream;
+                let (read_closable, write_closable) = match ssl {
+                    None => RefinedTcpStream::new(sock),
+                    #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
+                    Some(ref ssl) => {
+                        // trying to apply SSL over the connection
+                        // if an error occurs, we just close the socket and resume listening
+                        let sock = match ssl.accept(sock) {
+                            Ok(s) => s,
+                            Err(_) => continue,
                         };
 
-                        Ok(ClientConnection::new(write_closable, read_closable))
+                        RefinedTcpStream::new(sock)
                     }
-                    Err(e) => Err(e),
+                    #[cfg(not(any(feature = "ssl-openssl", feature = "ssl-rustls")))]
+                    Some(ref _ssl) => unreachable!(),
                 };
+                let client = ClientConnection::new(write_closable, read_closable, limits.clone());
 
-                match new_client {
-                    Ok(client) => {
-                        let messages = inside_messages.clone();
-                        let mut client = Some(client);
-                        tasks_pool.spawn(Box::new(move || {
-                            if let Some(client) = client.take() {
-                                // Synchronization is needed for HTTPS requests to avoid a deadlock
-                                if client.secure() {
-                                    let (sender, receiver) = mpsc::channel();
-                                    for rq in client {
-                                        messages.push(rq.with_notify_sender(sender.clone()).into());
-                                        receiver.recv().unwrap();
-                                    }
-                                } else {
-                                    for rq in client {
-                                        messages.push(rq.into());
-                                    }
-                                }
+                let messages = inside_messages.clone();
+                let mut task = Some((client, slot, drain));
+                tasks_pool.spawn(Box::new(move || {
+                    if let Some((mut client, _slot, drain)) = task.take() {
+                        // chatpool patch: HTTP connections too wait for each response before
+                        // reading the next request, as HTTPS ones always did (and must, to
+                        // avoid a deadlock), so a connection holds at most one request, and
+                        // the timeout counts the client's silence, not the server's work.
+                        let (sender, receiver) = mpsc::channel();
+                        for rq in client.by_ref() {
+                            messages.push(rq.with_notify_sender(sender.clone()).into());
+                            if receiver.recv().is_err() {
+                                break;
                             }
-                        }));
+                        }
+                        if let (true, Some(drain)) = (client.left_body_unread(), drain) {
+                            drain_briefly(drain);
+                        }
                     }
-
-                    Err(e) => {
-                        log::error!("Error accepting new client: {}", e);
-                        inside_messages.push(e.into());
-                        break;
-                    }
-                }
+                }));
             }
             log::debug!("Terminating accept thread");
-        });
+        })?;
 
         // result
         Ok(Server {
@@ -408,6 +442,39 @@ impl Server {
     /// This method allows graceful shutdown of server.
     pub fn unblock(&self) {
         self.messages.unblock();
+    }
+}
+
+/// chatpool patch: answers a connection over the cap with a refusal and closes it, without
+/// waiting on the client: the write goes into the new socket's empty send buffer, and the
+/// accept thread does not linger to drain what the client sends.
+fn refuse_connection(mut sock: Connection, limits: &ConnectionLimits) {
+    let response = (limits.respond)(Refusal::TooManyConnections).with_connection_close();
+    if response
+        .raw_print(&mut sock, HTTPVersion(1, 1), &[], false, None)
+        .is_ok()
+    {
+        sock.flush().ok();
+    }
+    sock.shutdown(Shutdown::Write).ok();
+}
+
+/// chatpool patch: reads and drops what the client still sends, for a moment, before the
+/// socket closes. Closing with unread data makes the kernel reset the connection, and the
+/// reset can destroy a response the client has not read yet.
+fn drain_briefly(mut sock: Connection) {
+    const DRAIN_BYTES: usize = 1 << 20;
+    sock.shutdown(Shutdown::Write).ok();
+    if sock.set_timeouts(Some(Duration::from_millis(200))).is_err() {
+        return;
+    }
+    let mut buf = [0u8; 8192];
+    let mut drained = 0;
+    while drained < DRAIN_BYTES {
+        match sock.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => drained += n,
+        }
     }
 }
 

@@ -84,7 +84,10 @@ impl TaskPool {
     fn add_thread(&self, initial_fn: Option<Box<dyn FnMut() + Send>>) {
         let sharing = self.sharing.clone();
 
-        thread::spawn(move || {
+        // chatpool patch: a thread that cannot be started (the process's thread limit) drops
+        // its task, which closes that one connection, instead of panicking the accept thread;
+        // and the threads are named, so that `top -H` and perf tell them apart.
+        let spawned = thread::Builder::new().name("http-conn".into()).spawn(move || {
             let sharing = sharing;
             let _active_guard = Registration::new(&sharing.active_tasks);
 
@@ -128,6 +131,9 @@ impl TaskPool {
                 task();
             }
         });
+        if let Err(e) = spawned {
+            log::error!("Cannot start a connection thread: {}", e);
+        }
     }
 }
 
