@@ -5,7 +5,7 @@
 # runs one scenario of the load benchmark against it (default: overhead, 10 s), records every
 # process of the run with the cpu-clock software event (no hardware counters needed), and
 # reports chatpool's threads by name: the acceptor, the workers (worker-* together), the
-# store-writer, and tiny_http's connection threads (unnamed, so they show as "chatpool").
+# store-writer, and tiny_http's threads (http-accept, and http-conn for each connection).
 #
 #   scripts/profile.sh [SCENARIO] [SECONDS]     # output in target/profile/
 set -euo pipefail
@@ -44,7 +44,7 @@ for line in sys.stdin:
     if inclusive and not sym.startswith(ours):
         continue
     group = "worker-*" if comm.startswith("worker-") else comm
-    if group not in ("acceptor", "worker-*", "store-writer", "store-checkpoint", "chatpool"):
+    if group not in ("acceptor", "worker-*", "store-writer", "store-checkpoint", "http-conn", "http-accept"):
         continue
     groups[group][sym] += share
     total[group] += share
@@ -57,7 +57,7 @@ for group, share in sorted(total.items(), key=lambda kv: -kv[1]):
 done | tee "$out/top.txt"
 if command -v inferno-flamegraph >/dev/null; then
   perf script -i "$out/perf.data" 2>/dev/null | inferno-collapse-perf \
-    | grep -E '^(worker-|acceptor|store-|chatpool)' | inferno-flamegraph > "$out/chatpool.svg"
+    | grep -E '^(worker-|acceptor|store-|http-)' | inferno-flamegraph > "$out/chatpool.svg"
   echo "profile: flame graph of chatpool's threads in $out/chatpool.svg"
 else
   echo "profile: for a flame graph, cargo install inferno and run this again"

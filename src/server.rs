@@ -34,7 +34,7 @@ pub enum StartError {
     /// The configuration is unusable.
     Config(ConfigError),
     /// The database could not be opened or migrated.
-    Store(StoreError),
+    Store(std::path::PathBuf, StoreError),
     /// The address could not be bound (in use, not local, no permission).
     Bind {
         /// The address asked for.
@@ -50,7 +50,9 @@ impl fmt::Display for StartError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             StartError::Config(e) => write!(f, "invalid configuration: {e}"),
-            StartError::Store(e) => write!(f, "cannot open the database: {e}"),
+            StartError::Store(path, e) => {
+                write!(f, "cannot open the database {}: {e}", path.display())
+            }
             StartError::Bind { addr, reason } => write!(f, "cannot listen on {addr}: {reason}"),
             StartError::Thread(e) => write!(f, "cannot start a thread: {e}"),
         }
@@ -91,10 +93,10 @@ impl Server {
         let workers = config.server.max_concurrent_requests;
         let path = &config.storage.path;
         let sync = config.storage.synchronous;
-        let readiness = Store::open_and_migrate(path, sync).map_err(StartError::Store)?;
-        let (writer, writer_thread) = Writer::start(path, sync).map_err(StartError::Store)?;
-        let readers =
-            Readers::open(path, sync, workers.min(MAX_READERS)).map_err(StartError::Store)?;
+        let store_error = |e| StartError::Store(path.clone(), e);
+        let readiness = Store::open_and_migrate(path, sync).map_err(store_error)?;
+        let (writer, writer_thread) = Writer::start(path, sync).map_err(store_error)?;
+        let readers = Readers::open(path, sync, workers.min(MAX_READERS)).map_err(store_error)?;
 
         let bind_error = |reason: String| StartError::Bind {
             addr: config.server.listen.clone(),
@@ -103,7 +105,9 @@ impl Server {
         ensure_descriptors(config.server.max_connections + workers.min(MAX_READERS) + 64);
         let listener =
             TcpListener::bind(&config.server.listen).map_err(|e| bind_error(e.to_string()))?;
-        set_nodelay(&listener).map_err(|e| bind_error(e.to_string()))?;
+        set_nodelay(&listener)
+            .and_then(|()| widen_backlog(&listener))
+            .map_err(|e| bind_error(e.to_string()))?;
         let metrics = Arc::new(Metrics::new(workers, config.server.queue_capacity));
         let limits = connection_limits(&config, Arc::clone(&metrics));
         let http = tiny_http::Server::from_listener_with_limits(listener, limits)
@@ -258,6 +262,23 @@ fn ensure_descriptors(needed: usize) {
              raise it (ulimit -n, or LimitNOFILE= under systemd) or lower max_connections",
             limit.rlim_cur
         );
+    }
+}
+
+/// How many finished handshakes the kernel holds for an accept loop (capped by
+/// `net.core.somaxconn`). std's 128 overflows when a load generator, a proxy or reconnecting
+/// clients open hundreds of connections at once; the overflow's handshakes are dropped and
+/// retried by the client a second later.
+const LISTEN_BACKLOG: libc::c_int = 4096;
+
+/// Widens a listening socket's backlog to [`LISTEN_BACKLOG`] by calling listen(2) again,
+/// which Linux allows.
+pub(crate) fn widen_backlog(listener: &TcpListener) -> std::io::Result<()> {
+    // SAFETY: a valid listening socket fd owned by `listener` for the call.
+    if unsafe { libc::listen(listener.as_raw_fd(), LISTEN_BACKLOG) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 

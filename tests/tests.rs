@@ -6,6 +6,7 @@ mod support;
 mod admission;
 mod api;
 mod auth;
+mod hostile;
 mod lifecycle;
 mod metrics;
 mod openai;

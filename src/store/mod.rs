@@ -121,6 +121,32 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
+/// The database's schema version, or why chatpool must not touch the file: it is not SQLite,
+/// it holds tables but no chatpool schema, or its schema is newer than this code.
+fn schema_version(conn: &Connection) -> Result<usize, StoreError> {
+    let version: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version > MIGRATIONS.len() {
+        return Err(StoreError::Schema(format!(
+            "the database has schema version {version}, newer than this chatpool knows ({}); \
+             refusing to touch it",
+            MIGRATIONS.len()
+        )));
+    }
+    if version == 0 {
+        let tables: i64 = conn.query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table'",
+            [],
+            |r| r.get(0),
+        )?;
+        if tables > 0 {
+            return Err(StoreError::Schema(
+                "the file holds tables but is not a chatpool database; refusing to touch it".into(),
+            ));
+        }
+    }
+    Ok(version)
+}
+
 /// One stored message, as history and the API see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
@@ -197,6 +223,11 @@ impl Store {
     /// Opens the file (creating it when missing), sets the pragmas and brings the schema up to
     /// date. Call once at start-up, before any other connection is opened with [`Store::open`].
     pub fn open_and_migrate(path: &Path, sync: Synchronous) -> Result<Store, StoreError> {
+        // Checked on a read-only connection first: switching a file to WAL already writes to it.
+        if path.exists() {
+            let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+            schema_version(&Connection::open_with_flags(path, flags)?)?;
+        }
         let mut store = Store::open(path, sync)?;
         store.migrate()?;
         Ok(store)
@@ -232,29 +263,7 @@ impl Store {
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
-        let version: usize = self
-            .conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))?;
-        if version > MIGRATIONS.len() {
-            return Err(StoreError::Schema(format!(
-                "the database has schema version {version}, newer than this chatpool knows ({}); \
-                 refusing to touch it",
-                MIGRATIONS.len()
-            )));
-        }
-        if version == 0 {
-            let tables: i64 = self.conn.query_row(
-                "SELECT count(*) FROM sqlite_master WHERE type = 'table'",
-                [],
-                |r| r.get(0),
-            )?;
-            if tables > 0 {
-                return Err(StoreError::Schema(
-                    "the file holds tables but is not a chatpool database; refusing to touch it"
-                        .into(),
-                ));
-            }
-        }
+        let version = schema_version(&self.conn)?;
         if version == MIGRATIONS.len() {
             return Ok(());
         }

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Runs each fuzz target for a bounded time and prints what libFuzzer reports.
+#
+#   scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]     # default: 300 s, every target
+#
+# Targets live in fuzz/fuzz_targets: `request` (routing, query, X-Chat-Id and both body
+# parsers, from request line and body to a command) and `upstream` (an LLM's completion, error
+# and streamed bodies). Each starts from its seed corpus in fuzz/corpus/TARGET; what it learns
+# goes to target/fuzz-corpus/TARGET, so the committed seeds stay small. A crash leaves its input
+# in fuzz/artifacts/TARGET: turn it into a regression test before fixing it.
+#
+# Needs cargo-fuzz (installed here when missing) and a nightly toolchain for the sanitizer
+# flags; without one, stable is told to accept them with RUSTC_BOOTSTRAP=1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds=${1:-300}
+shift || true
+targets=("$@")
+[ ${#targets[@]} -gt 0 ] || targets=(request upstream)
+
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+  fuzz=(cargo +nightly fuzz)
+else
+  export RUSTC_BOOTSTRAP=1
+  fuzz=(cargo fuzz)
+fi
+
+for target in "${targets[@]}"; do
+  work=target/fuzz-corpus/$target
+  mkdir -p "$work"
+  echo "== $target: ${seconds}s"
+  (cd fuzz && "${fuzz[@]}" run "$target" "../$work" "corpus/$target" -- \
+      -max_total_time="$seconds" -print_final_stats=1 2>&1) \
+    | grep -E '^(#[0-9]+\s+DONE|Done|stat::number_of_executed_units|stat::peak_rss_mb|==[0-9]+==|SUMMARY|.*panicked)' || true
+  echo "   corpus: $(ls "$work" | wc -l) inputs; findings: $(ls fuzz/artifacts/"$target" 2>/dev/null | wc -l)"
+done
