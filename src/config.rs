@@ -68,6 +68,9 @@ pub struct StorageConfig {
     pub path: PathBuf,
     /// SQLite's `synchronous` setting; default normal.
     pub synchronous: Synchronous,
+    /// How often chatpool copies the WAL into the database file; 0 leaves checkpoints to an
+    /// external replicator such as Litestream. Default 500.
+    pub checkpoint_interval_ms: u64,
 }
 
 impl Default for StorageConfig {
@@ -75,6 +78,7 @@ impl Default for StorageConfig {
         StorageConfig {
             path: PathBuf::from("chatpool.db"),
             synchronous: Synchronous::Normal,
+            checkpoint_interval_ms: 500,
         }
     }
 }

@@ -5,6 +5,7 @@ use chatpool::auth;
 use chatpool::config::Config;
 use chatpool::mock_llm::{self, MockOptions};
 use chatpool::server::Server;
+use chatpool::store::{transfer, Store};
 use clap::{Parser, Subcommand};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -38,6 +39,21 @@ enum Command {
         /// The tenant the token acts for (1-64 of A-Z a-z 0-9 . _ -)
         name: String,
     },
+    /// Write chats from the configured database to stdout, one JSON line per chat
+    Export {
+        /// Only this chat (repeatable) [default: every chat]
+        #[arg(long = "chat", value_name = "ID")]
+        chats: Vec<String>,
+        /// The tenant of the chats named with --chat
+        #[arg(long, default_value = chatpool::store::DEFAULT_TENANT)]
+        tenant: String,
+    },
+    /// Read chats from stdin (lines of export) into the configured database; re-importing
+    /// changes nothing, and a chat that diverged is reported and left alone
+    Import,
+    /// Delete the chats of stdin (lines of export) from the configured database, each only
+    /// while it still holds exactly the exported messages
+    Forget,
 }
 
 /// Exit status for a configuration or start-up problem, as for a usage error.
@@ -52,8 +68,70 @@ fn main() -> ExitCode {
             Err(e) => fail(&e),
         },
         Some(Command::Token { name }) => token(&name),
+        Some(Command::Export { chats, tenant }) => {
+            let only: Vec<_> = chats.into_iter().map(|c| (tenant.clone(), c)).collect();
+            transfer(cli.config.as_deref(), "exported", |store| {
+                transfer::export(store, &only, &mut std::io::stdout().lock())
+            })
+        }
+        Some(Command::Import) => transfer(cli.config.as_deref(), "imported", |store| {
+            transfer::import(store, &mut std::io::stdin().lock())
+        }),
+        Some(Command::Forget) => transfer(cli.config.as_deref(), "forgot", |store| {
+            transfer::forget(store, &mut std::io::stdin().lock())
+        }),
         None => serve(cli.config.as_deref(), cli.listen, cli.workers),
     }
+}
+
+/// Runs one of export, import and forget on the configured database (a running server's
+/// too: SQLite's locking lets both write), then prints a summary and each problem on stderr.
+fn transfer(
+    config_path: Option<&Path>,
+    done: &str,
+    run: impl FnOnce(&mut Store) -> Result<transfer::Report, chatpool::store::StoreError>,
+) -> ExitCode {
+    let config = match load_config(config_path) {
+        Ok(config) => config,
+        Err(e) => return fail(&e),
+    };
+    let path = &config.storage.path;
+    let mut store = match Store::open_and_migrate(path, config.storage.synchronous) {
+        Ok(store) => store,
+        Err(e) => return fail(&format!("cannot open the database {}: {e}", path.display())),
+    };
+    match run(&mut store) {
+        Ok(report) => {
+            for problem in &report.problems {
+                eprintln!("chatpool: {problem}");
+            }
+            eprintln!(
+                "chatpool: {done} {} chats, {} messages; {} unchanged; {} problems ({})",
+                report.chats,
+                report.messages,
+                report.unchanged,
+                report.problems.len(),
+                path.display()
+            );
+            if report.problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => fail(&format!("{}: {e}", path.display())),
+    }
+}
+
+/// The config file named, or `./config.toml` when it exists, or the defaults.
+fn load_config(config_path: Option<&Path>) -> Result<Config, String> {
+    let default_path = Path::new("config.toml");
+    let config = match config_path {
+        Some(path) => Config::load(path),
+        None if default_path.exists() => Config::load(default_path),
+        None => Ok(Config::default()),
+    };
+    config.map_err(|e| e.to_string())
 }
 
 fn token(tenant: &str) -> ExitCode {
@@ -75,15 +153,9 @@ fn token(tenant: &str) -> ExitCode {
 }
 
 fn serve(config_path: Option<&Path>, listen: Option<String>, workers: Option<usize>) -> ExitCode {
-    let default_path = Path::new("config.toml");
-    let config = match config_path {
-        Some(path) => Config::load(path),
-        None if default_path.exists() => Config::load(default_path),
-        None => Ok(Config::default()),
-    };
-    let mut config = match config {
+    let mut config = match load_config(config_path) {
         Ok(config) => config,
-        Err(e) => return fail(&e.to_string()),
+        Err(e) => return fail(&e),
     };
     if let Some(listen) = listen {
         config.server.listen = listen;

@@ -95,7 +95,12 @@ impl Server {
         let sync = config.storage.synchronous;
         let store_error = |e| StartError::Store(path.clone(), e);
         let readiness = Store::open_and_migrate(path, sync).map_err(store_error)?;
-        let (writer, writer_thread) = Writer::start(path, sync).map_err(store_error)?;
+        let checkpoints = match config.storage.checkpoint_interval_ms {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        };
+        let (writer, writer_thread) =
+            Writer::start(path, sync, checkpoints).map_err(store_error)?;
         let readers = Readers::open(path, sync, workers.min(MAX_READERS)).map_err(store_error)?;
 
         let bind_error = |reason: String| StartError::Bind {

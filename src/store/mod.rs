@@ -77,6 +77,7 @@ const GROWTH_CHUNK: std::ffi::c_int = 8 << 20;
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%SZ', 'now')";
 
 mod readers;
+pub mod transfer;
 mod writer;
 
 pub use readers::{Reader, Readers, MAX_READERS};

@@ -8,8 +8,9 @@
 //! still answers only after its exchange is committed, so a 200 still means stored.
 //!
 //! Checkpoints (copying the WAL back into the database file, with an fsync) are taken off this
-//! path: a second thread, `store-checkpoint`, runs them every [`CHECKPOINT_EVERY`] on its own
-//! connection, which SQLite lets proceed beside the writer. Left to SQLite, the commit that
+//! path: a second thread, `store-checkpoint`, runs them every `checkpoint_interval_ms` on its
+//! own connection, which SQLite lets proceed beside the writer (or not at all, when an external
+//! replicator such as Litestream does them). Left to SQLite, the commit that
 //! crosses the WAL's size threshold would run the checkpoint itself and every worker waiting on
 //! that batch would wait for the disk too.
 
@@ -22,8 +23,6 @@ use std::time::Duration;
 
 /// Most exchanges committed in one transaction; bounds how long one commit can take.
 const MAX_BATCH: usize = 256;
-/// How often the checkpoint thread copies the WAL into the database file.
-pub const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
 struct Pending {
     exchange: Exchange,
@@ -38,29 +37,41 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Opens the writer's and the checkpointer's connections and starts their threads. The
-    /// handle returned joins both: the writer once every [`Writer`] is dropped, then the
-    /// checkpointer after a last checkpoint.
-    pub fn start(path: &Path, sync: Synchronous) -> Result<(Writer, JoinHandle<()>), StoreError> {
+    /// Opens the writer's connection and starts its thread, and the checkpointer's when
+    /// `checkpoint_every` is set. The handle returned joins both: the writer once every
+    /// [`Writer`] is dropped, then the checkpointer after a last checkpoint.
+    pub fn start(
+        path: &Path,
+        sync: Synchronous,
+        checkpoint_every: Option<Duration>,
+    ) -> Result<(Writer, JoinHandle<()>), StoreError> {
         let mut store = Store::open(path, sync)?;
         store.disable_autocheckpoint()?;
         store.grow_in_chunks()?;
-        let mut checkpointer = Store::open(path, sync)?;
-        checkpointer.grow_in_chunks()?;
         let (pending, incoming) = crossbeam_channel::unbounded();
         let (stop_tx, stop) = crossbeam_channel::bounded::<()>(0);
         let spawn_error =
             |e: std::io::Error| StoreError::Unavailable(format!("cannot start a thread: {e}"));
-        let checkpoints = thread::Builder::new()
-            .name("store-checkpoint".into())
-            .spawn(move || checkpoint_until_stopped(checkpointer, stop))
-            .map_err(spawn_error)?;
+        let checkpoints = match checkpoint_every {
+            Some(every) => {
+                let mut checkpointer = Store::open(path, sync)?;
+                checkpointer.grow_in_chunks()?;
+                let thread = thread::Builder::new()
+                    .name("store-checkpoint".into())
+                    .spawn(move || checkpoint_until_stopped(checkpointer, every, stop))
+                    .map_err(spawn_error)?;
+                Some(thread)
+            }
+            None => None,
+        };
         let thread = thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || {
                 run(store, incoming);
                 drop(stop_tx);
-                let _ = checkpoints.join();
+                if let Some(checkpoints) = checkpoints {
+                    let _ = checkpoints.join();
+                }
             })
             .map_err(spawn_error)?;
         Ok((Writer { pending }, thread))
@@ -94,10 +105,10 @@ fn run(mut store: Store, incoming: Receiver<Pending>) {
     }
 }
 
-fn checkpoint_until_stopped(mut store: Store, stop: Receiver<()>) {
+fn checkpoint_until_stopped(mut store: Store, every: Duration, stop: Receiver<()>) {
     loop {
         let stopping = matches!(
-            stop.recv_timeout(CHECKPOINT_EVERY),
+            stop.recv_timeout(every),
             Err(RecvTimeoutError::Disconnected)
         );
         if let Err(e) = store.checkpoint() {
@@ -119,7 +130,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("w.db");
         let mut reader = Store::open_and_migrate(&path, Synchronous::Normal).unwrap();
-        let (writer, thread) = Writer::start(&path, Synchronous::Normal).unwrap();
+        let every = Some(Duration::from_millis(50));
+        let (writer, thread) = Writer::start(&path, Synchronous::Normal, every).unwrap();
         let workers: Vec<_> = (0..8)
             .map(|w| {
                 let writer = writer.clone();
