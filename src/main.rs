@@ -70,14 +70,14 @@ fn main() -> ExitCode {
         Some(Command::Token { name }) => token(&name),
         Some(Command::Export { chats, tenant }) => {
             let only: Vec<_> = chats.into_iter().map(|c| (tenant.clone(), c)).collect();
-            transfer(cli.config.as_deref(), "exported", |store| {
+            run_transfer(cli.config.as_deref(), "exported", |store| {
                 transfer::export(store, &only, &mut std::io::stdout().lock())
             })
         }
-        Some(Command::Import) => transfer(cli.config.as_deref(), "imported", |store| {
+        Some(Command::Import) => run_transfer(cli.config.as_deref(), "imported", |store| {
             transfer::import(store, &mut std::io::stdin().lock())
         }),
-        Some(Command::Forget) => transfer(cli.config.as_deref(), "forgot", |store| {
+        Some(Command::Forget) => run_transfer(cli.config.as_deref(), "forgot", |store| {
             transfer::forget(store, &mut std::io::stdin().lock())
         }),
         None => serve(cli.config.as_deref(), cli.listen, cli.workers),
@@ -86,7 +86,7 @@ fn main() -> ExitCode {
 
 /// Runs one of export, import and forget on the configured database (a running server's
 /// too: SQLite's locking lets both write), then prints a summary and each problem on stderr.
-fn transfer(
+fn run_transfer(
     config_path: Option<&Path>,
     done: &str,
     run: impl FnOnce(&mut Store) -> Result<transfer::Report, chatpool::store::StoreError>,
