@@ -4,6 +4,7 @@
 use crate::support::*;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// Reads until the server closes the connection; what it sent, or `None` if it kept it open.
@@ -649,4 +650,91 @@ fn a_corrupt_or_foreign_database_is_refused_and_left_alone() {
             "{what} was changed"
         );
     }
+}
+
+#[test]
+fn a_full_disk_is_503_with_a_clear_log_line_and_heals_when_space_is_freed() {
+    // A small tmpfs of our own, in a mount namespace only chatpool sees; the test reaches into
+    // it through /proc/PID/root. Without mount namespaces (no CAP_SYS_ADMIN) there is no disk
+    // to fill, and the test says so.
+    let probe = std::process::Command::new("unshare")
+        .args(["-m", "true"])
+        .status();
+    if !probe.is_ok_and(|s| s.success()) {
+        eprintln!("SKIPPED: no mount namespaces here (unshare -m failed)");
+        return;
+    }
+    let work = Workdir::new();
+    let disk = work.dir.path().join("disk");
+    std::fs::create_dir(&disk).unwrap();
+    let db = disk.join("chat.db");
+    let config = work.dir.path().join("full.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nmax_concurrent_requests = 2\n\n[storage]\npath = {:?}\n",
+            db.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let script =
+        r#"mount -t tmpfs -o size=24m tmpfs "$1" && exec "$2" --config "$3" --listen 127.0.0.1:0"#;
+    let server = Proc::start_program(
+        "unshare",
+        &[
+            "-m",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            disk.to_str().unwrap(),
+            BIN,
+            config.to_str().unwrap(),
+        ],
+        &[],
+        "listening on http://",
+    );
+    let addr = server.addr;
+    assert_eq!(send(addr, "full", "before").status, 200);
+
+    // Leave about 64 KB free, less than the next exchange needs.
+    let inside =
+        PathBuf::from(format!("/proc/{}/root", server.pid())).join(disk.strip_prefix("/").unwrap());
+    let filler = inside.join("filler");
+    let statvfs = |path: &std::path::Path| {
+        let out = std::process::Command::new("stat")
+            .args(["-f", "-c", "%a %S", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        let mut parts = text.split_whitespace().map(|n| n.parse::<u64>().unwrap());
+        parts.next().unwrap() * parts.next().unwrap()
+    };
+    let free = statvfs(&inside);
+    std::fs::write(&filler, vec![0u8; (free - (64 << 10)) as usize]).unwrap();
+
+    let big = "x".repeat(60_000);
+    let refused = send(addr, "full", &big);
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert_eq!(refused.error_type(), "storage_unavailable");
+    let id = refused.header("X-Request-Id").unwrap().to_string();
+    assert!(server.log_shows("disk is full"), "{}", server.log());
+    assert!(server
+        .log()
+        .lines()
+        .any(|l| l.contains(&id) && l.contains("full")));
+
+    std::fs::remove_file(&filler).unwrap();
+    let healed = send(addr, "full", &big);
+    assert_eq!(healed.status, 200, "{}", healed.text());
+    let history = get(addr, "/v1/chats/full/messages").json();
+    let contents: Vec<_> = history["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["content"].as_str().unwrap().len())
+        .collect();
+    assert_eq!(contents.len(), 4, "{history}");
+    assert_eq!(contents[2], 60_000);
+    assert_eq!(threads_named(server.pid(), "worker-"), 2);
 }

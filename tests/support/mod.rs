@@ -23,7 +23,17 @@ pub struct Proc {
 impl Proc {
     /// Starts `chatpool ARGS` and waits for the line naming the address it listens on.
     pub fn start(args: &[&str], envs: &[(&str, &str)], marker: &str) -> Proc {
-        let mut command = Command::new(BIN);
+        Proc::start_program(BIN, args, envs, marker)
+    }
+
+    /// As [`Proc::start`], for a program that ends up exec'ing chatpool (such as `unshare`).
+    pub fn start_program(
+        program: &str,
+        args: &[&str],
+        envs: &[(&str, &str)],
+        marker: &str,
+    ) -> Proc {
+        let mut command = Command::new(program);
         command
             .args(args)
             .stdin(Stdio::null())
