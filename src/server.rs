@@ -164,6 +164,7 @@ impl Server {
             readiness,
             config: Arc::clone(&config),
             started: Instant::now(),
+            shed: ShedLog::new(),
         };
         let (running_tx, running) = crossbeam_channel::bounded(1);
         let acceptor = thread::Builder::new()
@@ -324,6 +325,54 @@ struct Acceptor {
     readiness: Store,
     config: Arc<Config>,
     started: Instant,
+    shed: ShedLog,
+}
+
+/// Requests refused to shed load (503 and 409), summed up in one info line a second.
+struct ShedLog {
+    since: Instant,
+    counts: Vec<(&'static str, u64)>,
+}
+
+impl ShedLog {
+    const EVERY: Duration = Duration::from_secs(1);
+
+    fn new() -> ShedLog {
+        ShedLog {
+            since: Instant::now(),
+            counts: Vec::new(),
+        }
+    }
+
+    fn count(&mut self, kind: &'static str) {
+        match self.counts.iter_mut().find(|(k, _)| *k == kind) {
+            Some((_, n)) => *n += 1,
+            None => self.counts.push((kind, 1)),
+        }
+    }
+
+    /// Logs what was shed since the last line, once a second at most.
+    fn log_if_due(&mut self) {
+        let elapsed = self.since.elapsed();
+        if elapsed < Self::EVERY {
+            return;
+        }
+        if !self.counts.is_empty() {
+            let total: u64 = self.counts.iter().map(|(_, n)| n).sum();
+            let kinds: Vec<String> = self
+                .counts
+                .iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect();
+            log::info!(
+                "shed {total} requests in {:.1}s ({}); chatpool_rejected_total counts them",
+                elapsed.as_secs_f64(),
+                kinds.join(", ")
+            );
+            self.counts.clear();
+        }
+        self.since = Instant::now();
+    }
 }
 
 impl Acceptor {
@@ -335,9 +384,15 @@ impl Acceptor {
                     self.admission.in_flight()
                 );
             }
-            match self.http.recv() {
-                Ok(request) => self.dispatch(request),
-                Err(_) if self.control.stopping.load(Ordering::SeqCst) => return,
+            self.shed.log_if_due();
+            // Wakes at least once a second for the shed summary. `unblock()` ends the wait
+            // too, behind the requests already received, which are answered first.
+            let stopping = || self.control.stopping.load(Ordering::SeqCst);
+            match self.http.recv_timeout(ShedLog::EVERY) {
+                Ok(Some(request)) => self.dispatch(request),
+                Ok(None) if stopping() => return,
+                Ok(None) => {}
+                Err(_) if stopping() => return,
                 Err(e) => {
                     if !self.control.draining.load(Ordering::SeqCst) {
                         log::warn!("accepting a connection failed: {e}");
@@ -417,7 +472,7 @@ impl Acceptor {
     }
 
     fn reject(
-        &self,
+        &mut self,
         request: tiny_http::Request,
         route: &'static str,
         error: &ApiError,
@@ -425,19 +480,23 @@ impl Acceptor {
         received: Instant,
     ) {
         let (status, kind) = error.status_and_type();
-        if status == 503 || status == 409 {
+        let shed = status == 503 || status == 409;
+        if shed {
             self.metrics.rejected(kind);
         }
         let (method, url) = (request.method().to_string(), request.url().to_string());
         api::respond(request, api::error_response(error, request_id), request_id);
         self.metrics.request(route, status);
-        api::log_request(
-            &method,
-            &url,
-            status,
-            received.elapsed().as_secs_f64() * 1e3,
-            request_id,
-        );
+        let millis = received.elapsed().as_secs_f64() * 1e3;
+        if shed {
+            // Shed load comes in storms (a client retrying each 503 at once can send tens of
+            // thousands a second); a line for each would cost more than the answer. Each one
+            // still has a debug line, and the info log a summary a second.
+            log::debug!("{method} {url} {status} {millis:.1}ms request_id={request_id}");
+            self.shed.count(kind);
+        } else {
+            api::log_request(&method, &url, status, millis, request_id);
+        }
     }
 
     fn ops(&mut self, ops: Ops) -> api::HttpResponse {

@@ -56,4 +56,19 @@ fn ten_concurrent_requests_with_two_workers_and_a_queue_of_two() {
         metrics.contains(r#"chatpool_rejected_total{reason="overloaded"} 6"#),
         "{metrics}"
     );
+    // Shed requests are summed up in the log, a line a second, not a line each.
+    let shed_logged = || -> u64 {
+        server
+            .log()
+            .lines()
+            .filter_map(|line| line.split("(overloaded ").nth(1))
+            .filter_map(|rest| rest.split(')').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || shed_logged() == 6),
+        "{}",
+        server.log()
+    );
+    assert!(!server.log().contains(" 503 "), "{}", server.log());
 }
