@@ -67,12 +67,6 @@ pub const DEFAULT_TENANT: &str = "default";
 /// How long a statement waits for another connection's write lock before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How much of the database file reads may map into memory.
-const MMAP_BYTES: u64 = 1 << 30;
-
-/// The step in which the database file grows; see [`Store::grow_in_chunks`].
-const GROWTH_CHUNK: std::ffi::c_int = 8 << 20;
-
 /// SQL for "now" in the API's timestamp format.
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%SZ', 'now')";
 
@@ -254,11 +248,12 @@ impl Store {
             Synchronous::Normal => "NORMAL",
             Synchronous::Full => "FULL",
         };
-        // Reads through a memory map skip a system call per page; the map is the OS's page
-        // cache, shared by every connection, not memory of ours.
-        conn.execute_batch(&format!(
-            "PRAGMA synchronous = {sync}; PRAGMA mmap_size = {MMAP_BYTES};"
-        ))?;
+        // No memory map (mmap_size stays 0): in WAL mode a connection drops its whole map
+        // whenever another connection has committed since its last read, and each unmapping
+        // stops every CPU running a thread of this process to flush its TLB. With a commit
+        // every few hundred microseconds that costs more than the system calls the map saves
+        // (measured with ../shared/bench: more requests a second without it, and less RSS).
+        conn.execute_batch(&format!("PRAGMA synchronous = {sync};"))?;
         conn.set_prepared_statement_cache_capacity(32);
         Ok(Store { conn })
     }
@@ -431,30 +426,6 @@ impl Store {
         self.conn
             .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
         Ok(())
-    }
-
-    /// Makes the database file grow in [`GROWTH_CHUNK`] steps. Readers map the file into
-    /// memory, and every change of its size makes each of them map it again; growing a page at
-    /// a time would have them re-map on nearly every read.
-    fn grow_in_chunks(&mut self) -> Result<(), StoreError> {
-        let mut chunk: std::ffi::c_int = GROWTH_CHUNK;
-        // SAFETY: the handle is this connection's, alive for the call; SQLITE_FCNTL_CHUNK_SIZE
-        // reads one int through the pointer, which points at `chunk` for the whole call.
-        let rc = unsafe {
-            rusqlite::ffi::sqlite3_file_control(
-                self.conn.handle(),
-                c"main".as_ptr(),
-                rusqlite::ffi::SQLITE_FCNTL_CHUNK_SIZE,
-                (&mut chunk as *mut std::ffi::c_int).cast(),
-            )
-        };
-        if rc == rusqlite::ffi::SQLITE_OK {
-            Ok(())
-        } else {
-            Err(StoreError::Sqlite(format!(
-                "cannot set the file's growth step (code {rc})"
-            )))
-        }
     }
 
     /// Stops this connection from checkpointing when it commits; see [`Writer`].

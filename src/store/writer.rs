@@ -47,15 +47,13 @@ impl Writer {
     ) -> Result<(Writer, JoinHandle<()>), StoreError> {
         let mut store = Store::open(path, sync)?;
         store.disable_autocheckpoint()?;
-        store.grow_in_chunks()?;
         let (pending, incoming) = crossbeam_channel::unbounded();
         let (stop_tx, stop) = crossbeam_channel::bounded::<()>(0);
         let spawn_error =
             |e: std::io::Error| StoreError::Unavailable(format!("cannot start a thread: {e}"));
         let checkpoints = match checkpoint_every {
             Some(every) => {
-                let mut checkpointer = Store::open(path, sync)?;
-                checkpointer.grow_in_chunks()?;
+                let checkpointer = Store::open(path, sync)?;
                 let thread = thread::Builder::new()
                     .name("store-checkpoint".into())
                     .spawn(move || checkpoint_until_stopped(checkpointer, every, stop))
