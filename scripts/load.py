@@ -9,6 +9,7 @@ and writes the same as JSON to target/load/. Standard library only.
     scripts/load.py                       # build release, run every scenario (~2 minutes)
     scripts/load.py littles_law overload  # some scenarios
     scripts/load.py --duration 5 --bin target/release/chatpool overhead
+    scripts/load.py --repeat 3            # each phase three times, then a table of medians
 """
 
 import argparse
@@ -296,6 +297,29 @@ def print_streaming(row):
           f"the rest chatpool and the network")
 
 
+def medians(rows):
+    """One row per phase (scenario, connections), each number the median of its runs."""
+    phases = {}
+    for r in rows:
+        phases.setdefault((r["scenario"], r["connections"]), []).append(r)
+
+    def median(values):
+        values = [v for v in values if v is not None]
+        return statistics.median(values) if values else None
+
+    out = []
+    for runs in phases.values():
+        row = dict(runs[0])
+        for key in ("rps_2xx", "p99_503_ms", "peak_rss_mb", "cpu_s_per_1000", "efficiency"):
+            row[key] = median([r.get(key) for r in runs])
+        row["latency_2xx_ms"] = {k: median([r["latency_2xx_ms"][k] for r in runs])
+                                 for k in runs[0]["latency_2xx_ms"]}
+        statuses = {s for r in runs for s in r["non_2xx"]}
+        row["non_2xx"] = {s: int(median([r["non_2xx"].get(s, 0) for r in runs])) for s in statuses}
+        out.append(row)
+    return out
+
+
 def fmt(v, digits=1):
     return "-" if v is None else f"{v:.{digits}f}"
 
@@ -323,6 +347,8 @@ def main():
     parser.add_argument("--bin", help="chatpool binary (default: build target/release/chatpool)")
     parser.add_argument("--duration", type=int, default=15, help="seconds per measured phase (15)")
     parser.add_argument("--warmup", type=int, default=3, help="seconds of warm-up, 0 for none (3)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs of each phase; with more than one, also a table of medians (1)")
     args = parser.parse_args()
     names = args.scenarios or [*SCENARIOS, "streaming"]
     unknown = [n for n in names if n not in SCENARIOS and n != "streaming"]
@@ -343,11 +369,16 @@ def main():
                 streaming = run_streaming(binary, args, work)
             continue
         for connections in SCENARIOS[name][2]:
-            with tempfile.TemporaryDirectory(prefix="chatpool-load-") as work:
-                log(f"load: {name}, {connections} connections, {args.duration} s")
-                rows.append(run_phase(binary, name, connections, args, work))
+            for run in range(1, args.repeat + 1):
+                with tempfile.TemporaryDirectory(prefix="chatpool-load-") as work:
+                    log(f"load: {name}, {connections} connections, {args.duration} s, "
+                        f"run {run} of {args.repeat}")
+                    rows.append(run_phase(binary, name, connections, args, work))
     if rows:
         print_rows(rows)
+    if rows and args.repeat > 1:
+        print(f"\nmedians of {args.repeat} runs, each column on its own")
+        print_rows(medians(rows))
     if streaming:
         print_streaming(streaming)
         rows.append(streaming)
