@@ -100,6 +100,63 @@ fn idle_and_half_sent_sockets_neither_starve_others_nor_stay_open() {
     assert_eq!(send(addr, "normal", "and now?").status, 200);
 }
 
+/// Reads one response with a Content-Length off a kept-alive connection: (status, body).
+fn read_one_response(stream: &mut TcpStream) -> (u16, String) {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).expect("a response head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().unwrap())
+        })
+        .expect("Content-Length");
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).unwrap();
+    (status, String::from_utf8(body).unwrap())
+}
+
+#[test]
+fn the_client_timeout_counts_from_the_last_answer_not_while_one_is_worked_on() {
+    let mock = mock_llm(&["--latency-ms", "2500"]);
+    let work = Workdir::new();
+    let server = work.serve(&format!(
+        "[server]\nclient_timeout_secs = 1\n\n{}",
+        openai_llm(mock.addr, "")
+    ));
+    let mut stream = connect(server.addr);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let body = r#"{"content": "slow"}"#;
+    let request = format!(
+        "POST /v1/chats/kept/messages HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    // Each answer takes 2.5 s, longer than the 1 s timeout; the connection stays usable.
+    for round in 0..2 {
+        stream.write_all(request.as_bytes()).unwrap();
+        let (status, text) = read_one_response(&mut stream);
+        assert_eq!(status, 200, "round {round}: {text}");
+    }
+    // Idle after its last answer, it is closed after about the timeout.
+    let started = Instant::now();
+    let rest = read_until_closed(&mut stream, Duration::from_secs(10)).expect("closed");
+    assert!(rest.is_empty(), "{rest:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 #[test]
 fn connections_past_the_cap_get_503_at_once_and_the_rest_are_served() {
     let work = Workdir::new();

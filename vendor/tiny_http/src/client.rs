@@ -6,6 +6,7 @@ use std::io::{BufReader, BufWriter, ErrorKind, Read, Write};
 
 use std::net::SocketAddr;
 use std::str::FromStr;
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 
 use crate::common::{HTTPVersion, Method};
@@ -36,6 +37,11 @@ pub struct ClientConnection {
 
     // chatpool patch: the last request's body was over the limit and is still unread
     left_body_unread: bool,
+
+    // chatpool patch: each request handed out notifies this channel once answered, so that
+    // an idle timeout can tell a silent client from one waiting for its answer
+    responded: (Sender<()>, Receiver<()>),
+    unanswered: usize,
 
     // true if the connection goes through SSL
     secure: bool,
@@ -80,6 +86,8 @@ impl ClientConnection {
             next_header_source: first_header,
             no_more_requests: false,
             left_body_unread: false,
+            responded: mpsc::channel(),
+            unanswered: 0,
             secure,
             limits,
         }
@@ -88,6 +96,22 @@ impl ClientConnection {
     /// true if the connection goes through SSL
     pub fn secure(&self) -> bool {
         self.secure
+    }
+
+    /// chatpool patch: counts the requests answered since the last look; with `wait`, blocks
+    /// until every request handed out is answered.
+    fn collect_answers(&mut self, wait: bool) {
+        while self.unanswered > 0 {
+            let answered = if wait {
+                self.responded.1.recv().is_ok()
+            } else {
+                self.responded.1.try_recv().is_ok()
+            };
+            if !answered {
+                return;
+            }
+            self.unanswered -= 1;
+        }
     }
 
     /// chatpool patch: whether the connection ended with a request body left unread, which the
@@ -218,10 +242,29 @@ impl Iterator for ClientConnection {
         // the client sent a "connection: close" header in this previous request
         //  or is using HTTP 1.0, meaning that no new request will come
         if self.no_more_requests {
+            // chatpool patch: the caller may close the connection once this returns
+            self.collect_answers(true);
             return None;
         }
+        // Over HTTPS a request must be answered before the next is read, to avoid a deadlock.
+        if self.secure {
+            self.collect_answers(true);
+        }
 
-        let rq = match self.read() {
+        let read = loop {
+            match self.read() {
+                // chatpool patch: silence while a request is still being answered is not
+                // idleness; the connection is idle once every answer is out.
+                Err(ReadError::Idle) => {
+                    self.collect_answers(false);
+                    if self.unanswered == 0 {
+                        return None;
+                    }
+                }
+                read => break read,
+            }
+        };
+        let rq = match read {
             Ok(rq) => rq,
             Err(ReadError::Idle) | Err(ReadError::ReadIoError(_)) => return None,
             Err(ReadError::WrongRequestLine) => {
@@ -268,7 +311,8 @@ impl Iterator for ClientConnection {
         }
 
         // returning the request
-        Some(rq)
+        self.unanswered += 1;
+        Some(rq.with_notify_sender(self.responded.0.clone()))
     }
 }
 

@@ -362,16 +362,8 @@ impl Server {
                 let mut task = Some((client, slot, drain));
                 tasks_pool.spawn(Box::new(move || {
                     if let Some((mut client, _slot, drain)) = task.take() {
-                        // chatpool patch: HTTP connections too wait for each response before
-                        // reading the next request, as HTTPS ones always did (and must, to
-                        // avoid a deadlock), so a connection holds at most one request, and
-                        // the timeout counts the client's silence, not the server's work.
-                        let (sender, receiver) = mpsc::channel();
                         for rq in client.by_ref() {
-                            messages.push(rq.with_notify_sender(sender.clone()).into());
-                            if receiver.recv().is_err() {
-                                break;
-                            }
+                            messages.push(rq.into());
                         }
                         if let (true, Some(drain)) = (client.left_body_unread(), drain) {
                             drain_briefly(drain);
