@@ -795,3 +795,41 @@ fn a_full_disk_is_503_with_a_clear_log_line_and_heals_when_space_is_freed() {
     assert_eq!(contents[2], 60_000);
     assert_eq!(threads_named(server.pid(), "worker-"), 2);
 }
+
+#[test]
+fn running_out_of_file_descriptors_does_not_stop_the_accept_loop() {
+    let work = Workdir::new();
+    let config = work.config("[server]\nmax_concurrent_requests = 2\n");
+    // A hard limit of 64 open files, far below what 4,096 connections need.
+    let server = Proc::start_program(
+        "sh",
+        &[
+            "-c",
+            r#"ulimit -n 64 && exec "$0" --config "$1" --listen 127.0.0.1:0"#,
+            BIN,
+            config.to_str().unwrap(),
+        ],
+        &[],
+        "listening on http://",
+    );
+    assert!(server.log_shows("but the limit is 64"), "{}", server.log());
+    let addr = server.addr;
+    let crowd: Vec<TcpStream> = (0..100).map(|_| connect(addr)).collect();
+    assert!(
+        server.log_shows("Error accepting new client"),
+        "{}",
+        server.log()
+    );
+    drop(crowd);
+    assert!(
+        eventually(Duration::from_secs(10), || send(
+            addr,
+            "after",
+            "still accepting?"
+        )
+        .status
+            == 200),
+        "{}",
+        server.log()
+    );
+}

@@ -340,7 +340,7 @@ impl Server {
                 let drain = sock.try_clone().ok();
 
                 use util::RefinedTcpStream;
-                let (read_closable, write_closable) = match ssl {
+                let halves = match ssl {
                     None => RefinedTcpStream::new(sock),
                     #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
                     Some(ref ssl) => {
@@ -355,6 +355,14 @@ impl Server {
                     }
                     #[cfg(not(any(feature = "ssl-openssl", feature = "ssl-rustls")))]
                     Some(ref _ssl) => unreachable!(),
+                };
+                // chatpool patch: out of file descriptors, drop this one connection.
+                let (read_closable, write_closable) = match halves {
+                    Ok(halves) => halves,
+                    Err(e) => {
+                        accept_errors.log(|| format!("Error accepting new client: {}", e));
+                        continue;
+                    }
                 };
                 let client = ClientConnection::new(write_closable, read_closable, limits.clone());
 
