@@ -411,13 +411,9 @@ impl Store {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.prepare_cached("DELETE FROM messages WHERE tenant = ?1 AND chat_id = ?2")?
-            .execute(params![tenant, chat_id])?;
-        let deleted = tx
-            .prepare_cached("DELETE FROM chats WHERE tenant = ?1 AND chat_id = ?2")?
-            .execute(params![tenant, chat_id])?;
+        let deleted = remove_chat(&tx, tenant, chat_id)?;
         tx.commit()?;
-        Ok(deleted > 0)
+        Ok(deleted)
     }
 
     /// Copies what the WAL holds into the database file without blocking readers or the writer,
@@ -485,6 +481,17 @@ fn insert_exchange(conn: &Connection, exchange: &Exchange) -> Result<i64, StoreE
     ))?
     .execute(params![tenant, chat_id, reply_id])?;
     Ok(reply_id)
+}
+
+/// Deletes a chat's messages and its row, in the caller's transaction; `false` when there was
+/// no such chat.
+fn remove_chat(conn: &Connection, tenant: &str, chat_id: &str) -> Result<bool, StoreError> {
+    conn.prepare_cached("DELETE FROM messages WHERE tenant = ?1 AND chat_id = ?2")?
+        .execute(params![tenant, chat_id])?;
+    let deleted = conn
+        .prepare_cached("DELETE FROM chats WHERE tenant = ?1 AND chat_id = ?2")?
+        .execute(params![tenant, chat_id])?;
+    Ok(deleted > 0)
 }
 
 fn message_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {

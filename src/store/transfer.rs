@@ -8,7 +8,7 @@
 //! messages, so a move (export, import into the new owner, forget on the old) cannot drop an
 //! exchange that arrived in between.
 
-use super::{Store, StoreError};
+use super::{remove_chat, Store, StoreError};
 use crate::api::route::is_valid_chat_id;
 use crate::config::is_valid_tenant;
 use rusqlite::{params, OptionalExtension, TransactionBehavior};
@@ -139,11 +139,8 @@ impl Store {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let stored = read_messages(&tx, &record.tenant, &record.chat_id)?;
-        let is_prefix = stored.len() <= record.messages.len()
-            && stored
-                .iter()
-                .zip(&record.messages)
-                .all(|(a, b)| a.same_as(b));
+        let is_prefix =
+            stored.len() <= record.messages.len() && same_start(&stored, &record.messages);
         if !is_prefix {
             return Ok(Imported::Diverged);
         }
@@ -204,23 +201,19 @@ impl Store {
         if stored.is_empty() {
             return Ok(Forgotten::Absent);
         }
-        let same = stored.len() == record.messages.len()
-            && stored
-                .iter()
-                .zip(&record.messages)
-                .all(|(a, b)| a.same_as(b));
+        let same = stored.len() == record.messages.len() && same_start(&stored, &record.messages);
         if !same {
             return Ok(Forgotten::Changed);
         }
-        let key = params![record.tenant, record.chat_id];
-        tx.execute(
-            "DELETE FROM messages WHERE tenant = ?1 AND chat_id = ?2",
-            key,
-        )?;
-        tx.execute("DELETE FROM chats WHERE tenant = ?1 AND chat_id = ?2", key)?;
+        remove_chat(&tx, &record.tenant, &record.chat_id)?;
         tx.commit()?;
         Ok(Forgotten::Deleted)
     }
+}
+
+/// Whether the two histories agree as far as the shorter goes.
+fn same_start(a: &[MessageRecord], b: &[MessageRecord]) -> bool {
+    a.iter().zip(b).all(|(x, y)| x.same_as(y))
 }
 
 fn read_messages(
