@@ -107,7 +107,10 @@ impl Server {
             addr: config.server.listen.clone(),
             reason,
         };
-        ensure_descriptors(config.server.max_connections + workers.min(MAX_READERS) + 64);
+        // Each connection holds two descriptors (tiny_http reads and writes through two handles
+        // of its socket); each SQLite connection up to three (database, WAL, shared memory).
+        let sqlite_connections = workers.min(MAX_READERS) + 3;
+        ensure_descriptors(2 * config.server.max_connections + 3 * sqlite_connections + 64);
         let listener =
             TcpListener::bind(&config.server.listen).map_err(|e| bind_error(e.to_string()))?;
         set_nodelay(&listener)

@@ -93,11 +93,6 @@ impl ClientConnection {
         }
     }
 
-    /// true if the connection goes through SSL
-    pub fn secure(&self) -> bool {
-        self.secure
-    }
-
     /// chatpool patch: counts the requests answered since the last look; with `wait`, blocks
     /// until every request handed out is answered.
     fn collect_answers(&mut self, wait: bool) {
@@ -114,11 +109,29 @@ impl ClientConnection {
         }
     }
 
-    /// chatpool patch: whether the connection ended with a request body left unread, which the
-    /// caller should drain for a moment before closing: closing a socket with unread data
-    /// resets the connection, and the reset can destroy the response before the client reads it.
-    pub fn left_body_unread(&self) -> bool {
-        self.left_body_unread
+    /// chatpool patch: after a request whose body was too long to read, reads and drops what
+    /// the client still sends, for a moment, before the connection closes. Closing a socket
+    /// with unread data resets the connection, and the reset can destroy the response before
+    /// the client reads it. Call once the iterator has ended (every answer is out by then).
+    pub fn drain_unread_body(&mut self) {
+        const DRAIN_BYTES: usize = 1 << 20;
+        if !self.left_body_unread {
+            return;
+        }
+        self.sink.with_inner(|writer| {
+            writer.flush().ok();
+            writer
+                .get_mut()
+                .end_for_drain(std::time::Duration::from_millis(200));
+        });
+        let mut buf = [0u8; 8192];
+        let mut drained = 0;
+        while drained < DRAIN_BYTES {
+            match self.next_header_source.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
     }
 
     /// Reads the next line from self.next_header_source, taking its bytes from `budget`.

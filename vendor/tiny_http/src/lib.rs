@@ -99,10 +99,9 @@ use std::io::Error as IoError;
 use std::io::ErrorKind as IoErrorKind;
 use std::io::Result as IoResult;
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -337,7 +336,6 @@ impl Server {
                         continue;
                     }
                 };
-                let drain = sock.try_clone().ok();
 
                 use util::RefinedTcpStream;
                 let halves = match ssl {
@@ -367,15 +365,13 @@ impl Server {
                 let client = ClientConnection::new(write_closable, read_closable, limits.clone());
 
                 let messages = inside_messages.clone();
-                let mut task = Some((client, slot, drain));
+                let mut task = Some((client, slot));
                 tasks_pool.spawn(Box::new(move || {
-                    if let Some((mut client, _slot, drain)) = task.take() {
+                    if let Some((mut client, _slot)) = task.take() {
                         for rq in client.by_ref() {
                             messages.push(rq.into());
                         }
-                        if let (true, Some(drain)) = (client.left_body_unread(), drain) {
-                            drain_briefly(drain);
-                        }
+                        client.drain_unread_body();
                     }
                 }));
             }
@@ -457,25 +453,6 @@ fn refuse_connection(mut sock: Connection, limits: &ConnectionLimits) {
         sock.flush().ok();
     }
     sock.shutdown(Shutdown::Write).ok();
-}
-
-/// chatpool patch: reads and drops what the client still sends, for a moment, before the
-/// socket closes. Closing with unread data makes the kernel reset the connection, and the
-/// reset can destroy a response the client has not read yet.
-fn drain_briefly(mut sock: Connection) {
-    const DRAIN_BYTES: usize = 1 << 20;
-    sock.shutdown(Shutdown::Write).ok();
-    if sock.set_timeouts(Some(Duration::from_millis(200))).is_err() {
-        return;
-    }
-    let mut buf = [0u8; 8192];
-    let mut drained = 0;
-    while drained < DRAIN_BYTES {
-        match sock.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => drained += n,
-        }
-    }
 }
 
 impl Iterator for IncomingRequests<'_> {

@@ -114,6 +114,17 @@ impl RefinedTcpStream {
         Ok((read, write))
     }
 
+    /// chatpool patch: sends the client a FIN and bounds every further read by `timeout`, so
+    /// what it still sends can be read and dropped for a moment before the socket closes.
+    pub(crate) fn end_for_drain(&mut self, timeout: std::time::Duration) {
+        self.stream.shutdown(Shutdown::Write).ok();
+        match &self.stream {
+            Stream::Http(connection) => connection.set_timeouts(Some(timeout)).ok(),
+            #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
+            Stream::Https(_) => None,
+        };
+    }
+
     /// Returns true if this struct wraps around a secure connection.
     #[inline]
     pub(crate) fn secure(&self) -> bool {
