@@ -59,6 +59,34 @@ const MIGRATIONS: &[&str] = &[
     DROP INDEX messages_by_idempotency_key;
     CREATE UNIQUE INDEX messages_by_idempotency_key ON messages(tenant, chat_id, idempotency_key)
         WHERE idempotency_key IS NOT NULL;",
+    // 3: a chat's messages stored together, in one B-tree ordered by (tenant, chat, id), so that
+    // reading a history window touches a page or two instead of one page per message; message
+    // ids, still global and increasing, come from a counter in place of AUTOINCREMENT.
+    "CREATE TABLE message_ids (next INTEGER NOT NULL);
+    INSERT INTO message_ids SELECT max(
+        coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0),
+        coalesce((SELECT max(id) FROM messages), 0)) + 1;
+    CREATE TABLE messages_clustered (
+        tenant TEXT NOT NULL,
+        chat_id TEXT NOT NULL,
+        id INTEGER NOT NULL,
+        role TEXT NOT NULL,
+        content TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        model TEXT,
+        prompt_tokens INTEGER,
+        completion_tokens INTEGER,
+        idempotency_key TEXT,
+        PRIMARY KEY (tenant, chat_id, id)
+    ) WITHOUT ROWID;
+    INSERT INTO messages_clustered
+        SELECT tenant, chat_id, id, role, content, created_at, model, prompt_tokens,
+               completion_tokens, idempotency_key
+        FROM messages;
+    DROP TABLE messages;
+    ALTER TABLE messages_clustered RENAME TO messages;
+    CREATE UNIQUE INDEX messages_by_idempotency_key ON messages(tenant, chat_id, idempotency_key)
+        WHERE idempotency_key IS NOT NULL;",
 ];
 
 /// The tenant that owns every chat while auth is off, and every chat stored before it existed.
@@ -442,20 +470,23 @@ impl Store {
 
 fn insert_exchange(conn: &Connection, exchange: &Exchange) -> Result<i64, StoreError> {
     let mut insert = conn.prepare_cached(&format!(
-        "INSERT INTO messages (tenant, chat_id, role, content, created_at, model,
+        "INSERT INTO messages (tenant, chat_id, id, role, content, created_at, model,
                                prompt_tokens, completion_tokens, idempotency_key)
-         VALUES (?1, ?2, ?3, ?4, {NOW}, ?5, ?6, ?7, ?8)"
+         VALUES (?1, ?2, ?3, ?4, ?5, {NOW}, ?6, ?7, ?8, ?9)"
     ))?;
     let (prompt, completion) = match exchange.usage {
         Some((p, c)) => (Some(p as i64), Some(c as i64)),
         None => (None, None),
     };
     let (tenant, chat_id) = (&exchange.tenant, &exchange.chat_id);
+    let user_id = reserve_message_ids(conn, 2)?;
+    let reply_id = user_id + 1;
     let none: Option<&str> = None;
     let no_count: Option<i64> = None;
     insert.execute(params![
         tenant,
         chat_id,
+        user_id,
         "user",
         exchange.user,
         none,
@@ -463,9 +494,10 @@ fn insert_exchange(conn: &Connection, exchange: &Exchange) -> Result<i64, StoreE
         no_count,
         none
     ])?;
-    let reply_id = insert.insert(params![
+    insert.execute(params![
         tenant,
         chat_id,
+        reply_id,
         "assistant",
         exchange.reply,
         exchange.model,
@@ -481,6 +513,14 @@ fn insert_exchange(conn: &Connection, exchange: &Exchange) -> Result<i64, StoreE
     ))?
     .execute(params![tenant, chat_id, reply_id])?;
     Ok(reply_id)
+}
+
+/// Takes `count` consecutive message ids from the counter, in the caller's transaction, and
+/// returns the first.
+fn reserve_message_ids(conn: &Connection, count: usize) -> Result<i64, StoreError> {
+    Ok(conn
+        .prepare_cached("UPDATE message_ids SET next = next + ?1 RETURNING next - ?1")?
+        .query_row([count as i64], |r| r.get(0))?)
 }
 
 /// Deletes a chat's messages and its row, in the caller's transaction; `false` when there was
@@ -680,6 +720,35 @@ mod tests {
             .append_exchange(&exchange("c", "new", "reply", None))
             .unwrap();
         assert_eq!(next, 4);
+    }
+
+    #[test]
+    fn ids_after_the_clustering_migration_continue_past_every_id_ever_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v2.db");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.execute_batch(MIGRATIONS[1]).unwrap();
+        // Chat "gone" held ids 3 and 4 and was deleted: AUTOINCREMENT never hands them out
+        // again, and neither may the counter that replaces it.
+        conn.execute_batch(
+            "INSERT INTO messages (tenant, chat_id, role, content, created_at)
+                 VALUES ('default', 'c', 'user', 'q', 't'), ('default', 'c', 'assistant', 'a', 't'),
+                        ('default', 'gone', 'user', 'q', 't'), ('default', 'gone', 'assistant', 'a', 't');
+             DELETE FROM messages WHERE chat_id = 'gone';
+             INSERT INTO chats VALUES ('default', 'c', 't', 't', 2, 2);
+             PRAGMA user_version = 2;",
+        )
+        .unwrap();
+        drop(conn);
+        let mut s = Store::open_and_migrate(&path, Synchronous::Normal).unwrap();
+        let next = s.append_exchange(&exchange("c", "new", "reply", None));
+        assert_eq!(next.unwrap(), 6);
+        let ids: Vec<_> = s.newest_messages(T, "c", 10).unwrap();
+        let ids: Vec<_> = ids.iter().map(|m| m.id).collect();
+        assert_eq!(ids, [6, 5, 2, 1]);
+        let other = s.append_exchange(&exchange("d", "first", "reply", None));
+        assert_eq!(other.unwrap(), 8);
     }
 
     #[test]

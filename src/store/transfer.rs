@@ -8,7 +8,7 @@
 //! messages, so a move (export, import into the new owner, forget on the old) cannot drop an
 //! exchange that arrived in between.
 
-use super::{remove_chat, Store, StoreError};
+use super::{remove_chat, reserve_message_ids, Store, StoreError};
 use crate::api::route::is_valid_chat_id;
 use crate::config::is_valid_tenant;
 use rusqlite::{params, OptionalExtension, TransactionBehavior};
@@ -149,15 +149,17 @@ impl Store {
             return Ok(Imported::AlreadyPresent);
         }
         let mut insert = tx.prepare_cached(
-            "INSERT INTO messages (tenant, chat_id, role, content, created_at, model,
+            "INSERT INTO messages (tenant, chat_id, id, role, content, created_at, model,
                                    prompt_tokens, completion_tokens, idempotency_key)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         )?;
-        let mut last_id = 0;
-        for m in missing {
-            last_id = insert.insert(params![
+        let first_id = reserve_message_ids(&tx, missing.len())?;
+        let last_id = first_id + missing.len() as i64 - 1;
+        for (id, m) in (first_id..).zip(missing) {
+            insert.execute(params![
                 record.tenant,
                 record.chat_id,
+                id,
                 m.role,
                 m.content,
                 m.created_at,
