@@ -1,5 +1,6 @@
 -- wrk script for scripts/load.py: each request POSTs a message to a chat, and each response's
--- status and latency are appended to LOAD_OUT/lat-<thread>.tsv as "<status>\t<microseconds>".
+-- status, latency and completion time are appended to LOAD_OUT/lat-<thread>.tsv as
+-- "<status>\t<latency µs>\t<CLOCK_MONOTONIC µs at the response>".
 --
 -- Latency runs from just before wrk writes the request to the response callback, matched by the
 -- X-Request-Id that chatpool echoes, so interleaved connections on one thread do not mix up.
@@ -68,9 +69,10 @@ function response(status, headers, _)
   local id = headers["X-Request-Id"] or headers["x-request-id"]
   local t0 = id and started[id]
   if not t0 then return end
-  local latency = now_us() - t0
+  local now = now_us()
+  local latency = now - t0
   started[id] = nil
   busy[chat_of[id]] = nil
   chat_of[id] = nil
-  if file then file:write(status, "\t", math.floor(latency), "\n") end
+  if file then file:write(status, "\t", math.floor(latency), "\t", math.floor(now), "\n") end
 end

@@ -161,13 +161,34 @@ def percentile(sorted_values, p):
 
 
 def read_latencies(out_dir):
-    by_status = {}
+    """Latencies in ms by status, and the completion times (µs) of the 2xx responses."""
+    by_status, done_2xx = {}, []
     for name in os.listdir(out_dir):
         with open(os.path.join(out_dir, name)) as f:
             for line in f:
-                status, micros = line.split("\t")
+                status, micros, done = line.split("\t")
                 by_status.setdefault(int(status), []).append(int(micros) / 1000)
-    return {s: sorted(v) for s, v in by_status.items()}
+                if 200 <= int(status) < 300:
+                    done_2xx.append(int(done))
+    return {s: sorted(v) for s, v in by_status.items()}, sorted(done_2xx)
+
+
+def steady_rate(done_us, latency_ms):
+    """2xx a second once the closed loop is running: over the span from 1.5 upstream latencies
+    after the first response to half a latency before the last.
+
+    Every connection starts at once, so nothing can finish in the first latency, and with a
+    fixed upstream latency the responses come in waves one latency apart; a whole-run rate
+    (count over duration) then loses up to a whole wave at each end, which at 1 s latency in
+    a 15 s run is 7 % of the answer. Window edges half a wave away from the waves avoid that."""
+    if not done_us:
+        return None
+    start = done_us[0] + 1500 * latency_ms
+    end = done_us[-1] - 500 * latency_ms
+    if end - start < 2000 * latency_ms:
+        return None
+    inside = sum(1 for t in done_us if start < t <= end)
+    return inside / ((end - start) / 1e6)
 
 
 def run_phase(binary, name, connections, args, work):
@@ -202,7 +223,7 @@ def run_phase(binary, name, connections, args, work):
     finally:
         server.stop()
         mock.stop()
-    by_status = read_latencies(out_dir)
+    by_status, done_2xx = read_latencies(out_dir)
     shutil.rmtree(out_dir, ignore_errors=True)
     ok = sorted(v for s, vals in by_status.items() if 200 <= s < 300 for v in vals)
     total = sum(len(v) for v in by_status.values())
@@ -219,7 +240,10 @@ def run_phase(binary, name, connections, args, work):
         "cpu_s_per_1000": round(cpu / total * 1000, 3) if total else None,
     }
     if latency:
-        row["efficiency"] = round(len(ok) / elapsed / (workers / (latency / 1000)), 3)
+        limit = workers / (latency / 1000)
+        row["efficiency"] = round(len(ok) / elapsed / limit, 3)
+        steady = steady_rate(done_2xx, latency)
+        row["efficiency_steady"] = round(steady / limit, 3) if steady else None
     return row
 
 
@@ -310,7 +334,8 @@ def medians(rows):
     out = []
     for runs in phases.values():
         row = dict(runs[0])
-        for key in ("rps_2xx", "p99_503_ms", "peak_rss_mb", "cpu_s_per_1000", "efficiency"):
+        for key in ("rps_2xx", "p99_503_ms", "peak_rss_mb", "cpu_s_per_1000", "efficiency",
+                    "efficiency_steady"):
             row[key] = median([r.get(key) for r in runs])
         row["latency_2xx_ms"] = {k: median([r["latency_2xx_ms"][k] for r in runs])
                                  for k in runs[0]["latency_2xx_ms"]}
@@ -326,7 +351,7 @@ def fmt(v, digits=1):
 
 def print_rows(rows):
     head = (f"{'scenario':<12} {'conns':>5} {'2xx/s':>8} {'p50':>7} {'p90':>7} {'p99':>7} {'max':>8} "
-            f"{'non-2xx':<18} {'503 p99':>7} {'RSS MB':>6} {'cpu s/1k':>8} {'eff':>6}")
+            f"{'non-2xx':<18} {'503 p99':>7} {'RSS MB':>6} {'cpu s/1k':>8} {'eff':>6} {'steady':>6}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -335,9 +360,10 @@ def print_rows(rows):
         print(f"{r['scenario']:<12} {r['connections']:>5} {r['rps_2xx']:>8.1f} {fmt(lat['p50']):>7} "
               f"{fmt(lat['p90']):>7} {fmt(lat['p99']):>7} {fmt(lat['max']):>8} {non2xx:<18} "
               f"{fmt(r['p99_503_ms']):>7} {r['peak_rss_mb']:>6.1f} {fmt(r['cpu_s_per_1000'], 3):>8} "
-              f"{fmt(r.get('efficiency'), 3):>6}")
+              f"{fmt(r.get('efficiency'), 3):>6} {fmt(r.get('efficiency_steady'), 3):>6}")
     print("latency in ms over 2xx responses; 503 p99: how fast shed requests were answered; "
-          "cpu s/1k: chatpool's CPU seconds per 1,000 responses; eff: 2xx/s over workers/latency")
+          "cpu s/1k: chatpool's CPU seconds per 1,000 responses; eff: 2xx/s over workers/latency, "
+          "whole run; steady: the same once every connection is running (see steady_rate)")
 
 
 def main():
