@@ -291,6 +291,13 @@ impl Store {
         if version == MIGRATIONS.len() {
             return Ok(());
         }
+        // On a large database a migration that rewrites a table takes a while; say so before.
+        if version > 0 {
+            log::info!(
+                "migrating the database from schema version {version} to {} (one transaction)",
+                MIGRATIONS.len()
+            );
+        }
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Exclusive)?;
