@@ -751,8 +751,8 @@ mod tests {
         let mut s = Store::open_and_migrate(&path, Synchronous::Normal).unwrap();
         let next = s.append_exchange(&exchange("c", "new", "reply", None));
         assert_eq!(next.unwrap(), 6);
-        let ids: Vec<_> = s.newest_messages(T, "c", 10).unwrap();
-        let ids: Vec<_> = ids.iter().map(|m| m.id).collect();
+        let newest = s.newest_messages(T, "c", 10).unwrap();
+        let ids: Vec<_> = newest.iter().map(|m| m.id).collect();
         assert_eq!(ids, [6, 5, 2, 1]);
         let other = s.append_exchange(&exchange("d", "first", "reply", None));
         assert_eq!(other.unwrap(), 8);
