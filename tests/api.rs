@@ -110,6 +110,14 @@ fn every_endpoint_works_against_mock_llm() {
     ] {
         assert!(!status[key].is_null(), "{key} in {status}");
     }
+    // 3.51.3 is the first SQLite without the WAL-reset bug.
+    let sqlite: Vec<u32> = status["sqlite_version"]
+        .as_str()
+        .unwrap()
+        .split('.')
+        .map(|part| part.parse().unwrap())
+        .collect();
+    assert!(sqlite >= vec![3, 51, 3], "{status}");
     let metrics = get(addr, "/metrics");
     assert!(metrics
         .header("Content-Type")

@@ -114,6 +114,8 @@ pub enum StoreError {
     Unavailable(String),
     /// The file is not a chatpool database, or one from a newer chatpool.
     Schema(String),
+    /// The SQLite library linked in is too old to run chatpool safely; see [`check_sqlite`].
+    OldSqlite(String),
     /// Any other SQLite failure.
     Sqlite(String),
 }
@@ -124,6 +126,12 @@ impl fmt::Display for StoreError {
             StoreError::Busy => write!(f, "the database is locked by another writer"),
             StoreError::Unavailable(e) => write!(f, "the database cannot be used: {e}"),
             StoreError::Schema(why) => f.write_str(why),
+            StoreError::OldSqlite(version) => write!(
+                f,
+                "SQLite {version} is linked in, older than {OLDEST_SAFE_SQLITE}: its WAL-reset bug \
+                 can corrupt the database when two connections write or checkpoint at once; \
+                 build chatpool with its bundled SQLite"
+            ),
             StoreError::Sqlite(e) => write!(f, "SQLite: {e}"),
         }
     }
@@ -147,7 +155,13 @@ impl From<rusqlite::Error> for StoreError {
 /// The database's schema version, or why chatpool must not touch the file: it is not SQLite,
 /// it holds tables but no chatpool schema, or its schema is newer than this code.
 fn schema_version(conn: &Connection) -> Result<usize, StoreError> {
-    let version: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let Ok(version) = usize::try_from(version) else {
+        return Err(StoreError::Schema(format!(
+            "the database has schema version {version}, which no chatpool writes; \
+             refusing to touch it"
+        )));
+    };
     if version > MIGRATIONS.len() {
         return Err(StoreError::Schema(format!(
             "the database has schema version {version}, newer than this chatpool knows ({}); \
@@ -246,6 +260,7 @@ impl Store {
     /// Opens the file (creating it when missing), sets the pragmas and brings the schema up to
     /// date. Call once at start-up, before any other connection is opened with [`Store::open`].
     pub fn open_and_migrate(path: &Path, sync: Synchronous) -> Result<Store, StoreError> {
+        check_sqlite(rusqlite::version(), rusqlite::version_number())?;
         // Checked on a read-only connection first: switching a file to WAL already writes to it.
         if path.exists() {
             let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
@@ -304,7 +319,7 @@ impl Store {
         for sql in &MIGRATIONS[version..] {
             tx.execute_batch(sql)?;
         }
-        tx.pragma_update(None, "user_version", MIGRATIONS.len())?;
+        tx.pragma_update(None, "user_version", MIGRATIONS.len() as i64)?;
         tx.commit()?;
         Ok(())
     }
@@ -555,6 +570,23 @@ pub fn sqlite_version() -> &'static str {
     rusqlite::version()
 }
 
+/// The oldest SQLite chatpool runs on. SQLite 3.7.0 to 3.51.2 can corrupt a database in WAL
+/// mode when two connections write or checkpoint at once (the WAL-reset bug), and chatpool
+/// always has two: its writer and its checkpointer, or Litestream beside it.
+pub const OLDEST_SAFE_SQLITE: &str = "3.51.3";
+
+/// [`OLDEST_SAFE_SQLITE`] as `sqlite3_libversion_number` gives it.
+const OLDEST_SAFE_SQLITE_NUMBER: i32 = 3_051_003;
+
+/// Refuses a SQLite library older than [`OLDEST_SAFE_SQLITE`]; `version` and `number` are what
+/// `sqlite3_libversion` and `sqlite3_libversion_number` say.
+pub fn check_sqlite(version: &str, number: i32) -> Result<(), StoreError> {
+    if number < OLDEST_SAFE_SQLITE_NUMBER {
+        return Err(StoreError::OldSqlite(version.to_string()));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -577,6 +609,21 @@ mod tests {
             usage: Some((3, 4)),
             idempotency_key: key.map(str::to_string),
         }
+    }
+
+    #[test]
+    fn a_sqlite_with_the_wal_reset_bug_is_refused() {
+        let old = check_sqlite("3.51.2", 3_051_002).unwrap_err();
+        assert!(matches!(old, StoreError::OldSqlite(_)));
+        let message = old.to_string();
+        assert!(
+            message.contains("SQLite 3.51.2") && message.contains("3.51.3"),
+            "{message}"
+        );
+        assert!(check_sqlite("3.46.0", 3_046_000).is_err());
+        assert!(check_sqlite("3.51.3", 3_051_003).is_ok());
+        assert!(check_sqlite("4.0.0", 4_000_000).is_ok());
+        assert!(check_sqlite(sqlite_version(), rusqlite::version_number()).is_ok());
     }
 
     #[test]
