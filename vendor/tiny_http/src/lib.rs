@@ -99,9 +99,9 @@ use std::io::Error as IoError;
 use std::io::ErrorKind as IoErrorKind;
 use std::io::Result as IoResult;
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
-use std::io::Write;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -112,7 +112,6 @@ use util::MessagesQueue;
 
 pub use common::{HTTPVersion, Header, HeaderField, Method, StatusCode};
 pub use connection::{ConfigListenAddr, ListenAddr, Listener};
-pub use limits::{ConnectionLimits, Refusal, RefusalResponder};
 pub use request::{ReadWrite, Request};
 pub use response::{Response, ResponseBox};
 pub use test::TestRequest;
@@ -120,7 +119,6 @@ pub use test::TestRequest;
 mod client;
 mod common;
 mod connection;
-mod limits;
 mod request;
 mod response;
 mod ssl;
@@ -245,22 +243,7 @@ impl Server {
         listener: L,
         ssl_config: Option<SslConfig>,
     ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
-        Self::start(listener.into(), ssl_config, ConnectionLimits::default())
-    }
-
-    /// chatpool patch: builds a server on the listener whose connections keep to `limits`.
-    pub fn from_listener_with_limits<L: Into<Listener>>(
-        listener: L,
-        limits: ConnectionLimits,
-    ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
-        Self::start(listener.into(), None, limits)
-    }
-
-    fn start(
-        listener: Listener,
-        ssl_config: Option<SslConfig>,
-        limits: ConnectionLimits,
-    ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
+        let listener = listener.into();
         // building the "close" variable
         let close_trigger = Arc::new(AtomicBool::new(false));
 
@@ -302,81 +285,68 @@ impl Server {
 
         let inside_close_trigger = close_trigger.clone();
         let inside_messages = messages.clone();
-        let limits = Arc::new(limits);
-        let accept_thread = thread::Builder::new().name("http-accept".into());
-        accept_thread.spawn(move || {
+        thread::spawn(move || {
             // a tasks pool is used to dispatch the connections into threads
             let tasks_pool = util::TaskPool::new();
-            let open = Arc::new(AtomicUsize::new(0));
-            let mut accept_errors = util::RateLimitedLog::new(Duration::from_secs(10));
 
             log::debug!("Running accept thread");
             while !inside_close_trigger.load(Relaxed) {
-                let (sock, _) = match server.accept() {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        // chatpool patch: an accept error (most often EMFILE: out of file
-                        // descriptors) used to end this loop, and with it the server. Wait a
-                        // moment for connections to close, and go on.
-                        accept_errors.log(|| format!("Error accepting new client: {}", e));
-                        thread::sleep(Duration::from_millis(10));
-                        continue;
-                    }
-                };
-                // chatpool patch: bound how long a client may keep the connection's thread
-                // waiting, and how many connections are open at once.
-                if let Err(e) = sock.set_timeouts(limits.timeout) {
-                    log::debug!("Cannot set timeouts on a new connection: {}", e);
-                    continue;
-                }
-                let slot = match util::Slot::take(&open, limits.max_connections) {
-                    Some(slot) => slot,
-                    None => {
-                        refuse_connection(sock, &limits);
-                        continue;
-                    }
-                };
+                let new_client = match server.accept() {
+                    Ok((sock, _)) => {
+                        use util::RefinedTcpStream;
+                        let (read_closable, write_closable) = match ssl {
+                            None => RefinedTcpStream::new(sock),
+                            #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
+                            Some(ref ssl) => {
+                                // trying to apply SSL over the connection
+                                // if an error occurs, we just close the socket and resume listening
+                                let sock = match ssl.accept(sock) {
+                                    Ok(s) => s,
+                                    Err(_) => continue,
+                                };
 
-                use util::RefinedTcpStream;
-                let halves = match ssl {
-                    None => RefinedTcpStream::new(sock),
-                    #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
-                    Some(ref ssl) => {
-                        // trying to apply SSL over the connection
-                        // if an error occurs, we just close the socket and resume listening
-                        let sock = match ssl.accept(sock) {
-                            Ok(s) => s,
-                            Err(_) => continue,
+                                RefinedTcpStream::new(sock)
+                            }
+                            #[cfg(not(any(feature = "ssl-openssl", feature = "ssl-rustls")))]
+                            Some(ref _ssl) => unreachable!(),
                         };
 
-                        RefinedTcpStream::new(sock)
+                        Ok(ClientConnection::new(write_closable, read_closable))
                     }
-                    #[cfg(not(any(feature = "ssl-openssl", feature = "ssl-rustls")))]
-                    Some(ref _ssl) => unreachable!(),
+                    Err(e) => Err(e),
                 };
-                // chatpool patch: out of file descriptors, drop this one connection.
-                let (read_closable, write_closable) = match halves {
-                    Ok(halves) => halves,
-                    Err(e) => {
-                        accept_errors.log(|| format!("Error accepting new client: {}", e));
-                        continue;
-                    }
-                };
-                let client = ClientConnection::new(write_closable, read_closable, limits.clone());
 
-                let messages = inside_messages.clone();
-                let mut task = Some((client, slot));
-                tasks_pool.spawn(Box::new(move || {
-                    if let Some((mut client, _slot)) = task.take() {
-                        for rq in client.by_ref() {
-                            messages.push(rq.into());
-                        }
-                        client.drain_unread_body();
+                match new_client {
+                    Ok(client) => {
+                        let messages = inside_messages.clone();
+                        let mut client = Some(client);
+                        tasks_pool.spawn(Box::new(move || {
+                            if let Some(client) = client.take() {
+                                // Synchronization is needed for HTTPS requests to avoid a deadlock
+                                if client.secure() {
+                                    let (sender, receiver) = mpsc::channel();
+                                    for rq in client {
+                                        messages.push(rq.with_notify_sender(sender.clone()).into());
+                                        receiver.recv().unwrap();
+                                    }
+                                } else {
+                                    for rq in client {
+                                        messages.push(rq.into());
+                                    }
+                                }
+                            }
+                        }));
                     }
-                }));
+
+                    Err(e) => {
+                        log::error!("Error accepting new client: {}", e);
+                        inside_messages.push(e.into());
+                        break;
+                    }
+                }
             }
             log::debug!("Terminating accept thread");
-        })?;
+        });
 
         // result
         Ok(Server {
@@ -439,20 +409,6 @@ impl Server {
     pub fn unblock(&self) {
         self.messages.unblock();
     }
-}
-
-/// chatpool patch: answers a connection over the cap with a refusal and closes it, without
-/// waiting on the client: the write goes into the new socket's empty send buffer, and the
-/// accept thread does not linger to drain what the client sends.
-fn refuse_connection(mut sock: Connection, limits: &ConnectionLimits) {
-    let response = (limits.respond)(Refusal::TooManyConnections).with_connection_close();
-    if response
-        .raw_print(&mut sock, HTTPVersion(1, 1), &[], false, None)
-        .is_ok()
-    {
-        sock.flush().ok();
-    }
-    sock.shutdown(Shutdown::Write).ok();
 }
 
 impl Iterator for IncomingRequests<'_> {

@@ -12,14 +12,12 @@ pub(crate) enum Stream {
     Https(SslStream),
 }
 
-impl Stream {
-    /// chatpool patch: cloning a socket takes a file descriptor, which may be the one the
-    /// process does not have (EMFILE); it used to unwrap, and panic the accept thread.
-    fn try_clone(&self) -> IoResult<Self> {
+impl Clone for Stream {
+    fn clone(&self) -> Self {
         match self {
-            Stream::Http(tcp_stream) => tcp_stream.try_clone().map(Stream::Http),
+            Stream::Http(tcp_stream) => Stream::Http(tcp_stream.try_clone().unwrap()),
             #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
-            Stream::Https(ssl_stream) => Ok(Stream::Https(ssl_stream.clone())),
+            Stream::Https(ssl_stream) => Stream::Https(ssl_stream.clone()),
         }
     }
 }
@@ -91,13 +89,13 @@ pub struct RefinedTcpStream {
 }
 
 impl RefinedTcpStream {
-    pub(crate) fn new<S>(stream: S) -> IoResult<(RefinedTcpStream, RefinedTcpStream)>
+    pub(crate) fn new<S>(stream: S) -> (RefinedTcpStream, RefinedTcpStream)
     where
         S: Into<Stream>,
     {
         let stream: Stream = stream.into();
 
-        let (read, write) = (stream.try_clone()?, stream);
+        let (read, write) = (stream.clone(), stream);
 
         let read = RefinedTcpStream {
             stream: read,
@@ -111,18 +109,7 @@ impl RefinedTcpStream {
             close_write: true,
         };
 
-        Ok((read, write))
-    }
-
-    /// chatpool patch: sends the client a FIN and bounds every further read by `timeout`, so
-    /// what it still sends can be read and dropped for a moment before the socket closes.
-    pub(crate) fn end_for_drain(&mut self, timeout: std::time::Duration) {
-        self.stream.shutdown(Shutdown::Write).ok();
-        match &self.stream {
-            Stream::Http(connection) => connection.set_timeouts(Some(timeout)).ok(),
-            #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
-            Stream::Https(_) => None,
-        };
+        (read, write)
     }
 
     /// Returns true if this struct wraps around a secure connection.
