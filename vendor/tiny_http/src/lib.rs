@@ -91,17 +91,14 @@
 #![deny(rust_2018_idioms)]
 #![allow(clippy::match_like_matches_macro)]
 
-#[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
-use zeroize::Zeroizing;
-
 use std::error::Error;
 use std::io::Error as IoError;
 use std::io::ErrorKind as IoErrorKind;
 use std::io::Result as IoResult;
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
-use std::sync::atomic::AtomicBool;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -112,17 +109,16 @@ use util::MessagesQueue;
 
 pub use common::{HTTPVersion, Header, HeaderField, Method, StatusCode};
 pub use connection::{ConfigListenAddr, ListenAddr, Listener};
+pub use limits::{ConnectionLimits, Refusal, RefusalResponder};
 pub use request::{ReadWrite, Request};
 pub use response::{Response, ResponseBox};
-pub use test::TestRequest;
 
 mod client;
 mod common;
 mod connection;
+mod limits;
 mod request;
 mod response;
-mod ssl;
-mod test;
 mod util;
 
 /// The main class of this library.
@@ -159,11 +155,11 @@ impl From<Request> for Message {
     }
 }
 
-// this trait is to make sure that Server implements Share and Send
-#[doc(hidden)]
-trait MustBeShareDummy: Sync + Send {}
-#[doc(hidden)]
-impl MustBeShareDummy for Server {}
+// The server is shared between threads.
+const _: fn() = || {
+    fn share_and_send<T: Sync + Send>() {}
+    share_and_send::<Server>();
+};
 
 pub struct IncomingRequests<'a> {
     server: &'a Server,
@@ -174,18 +170,6 @@ pub struct IncomingRequests<'a> {
 pub struct ServerConfig {
     /// The addresses to try to listen to.
     pub addr: ConfigListenAddr,
-
-    /// If `Some`, then the server will use SSL to encode the communications.
-    pub ssl: Option<SslConfig>,
-}
-
-/// Configuration of the server for SSL.
-#[derive(Debug, Clone)]
-pub struct SslConfig {
-    /// Contains the public certificate to send to clients.
-    pub certificate: Vec<u8>,
-    /// Contains the ultra-secret private key used to decode communications.
-    pub private_key: Vec<u8>,
 }
 
 impl Server {
@@ -197,23 +181,6 @@ impl Server {
     {
         Server::new(ServerConfig {
             addr: ConfigListenAddr::from_socket_addrs(addr)?,
-            ssl: None,
-        })
-    }
-
-    /// Shortcut for an HTTPS server on a specific address.
-    #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
-    #[inline]
-    pub fn https<A>(
-        addr: A,
-        config: SslConfig,
-    ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>>
-    where
-        A: ToSocketAddrs,
-    {
-        Server::new(ServerConfig {
-            addr: ConfigListenAddr::from_socket_addrs(addr)?,
-            ssl: Some(config),
         })
     }
 
@@ -225,14 +192,13 @@ impl Server {
     ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
         Server::new(ServerConfig {
             addr: ConfigListenAddr::unix_from_path(path),
-            ssl: None,
         })
     }
 
     /// Builds a new server that listens on the specified address.
     pub fn new(config: ServerConfig) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
         let listener = config.addr.bind()?;
-        Self::from_listener(listener, config.ssl)
+        Self::from_listener(listener)
     }
 
     /// Builds a new server using the specified TCP listener.
@@ -241,9 +207,22 @@ impl Server {
     /// such as from systemd. For other cases, you probably want the `new()` function.
     pub fn from_listener<L: Into<Listener>>(
         listener: L,
-        ssl_config: Option<SslConfig>,
     ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
-        let listener = listener.into();
+        Self::start(listener.into(), ConnectionLimits::default())
+    }
+
+    /// chatpool patch: builds a server on the listener whose connections keep to `limits`.
+    pub fn from_listener_with_limits<L: Into<Listener>>(
+        listener: L,
+        limits: ConnectionLimits,
+    ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
+        Self::start(listener.into(), limits)
+    }
+
+    fn start(
+        listener: Listener,
+        limits: ConnectionLimits,
+    ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
         // building the "close" variable
         let close_trigger = Arc::new(AtomicBool::new(false));
 
@@ -254,99 +233,72 @@ impl Server {
             (listener, local_addr)
         };
 
-        // building the SSL capabilities
-        #[cfg(all(feature = "ssl-openssl", feature = "ssl-rustls"))]
-        compile_error!(
-            "Features 'ssl-openssl' and 'ssl-rustls' must not be enabled at the same time"
-        );
-        #[cfg(not(any(feature = "ssl-openssl", feature = "ssl-rustls")))]
-        type SslContext = ();
-        #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
-        type SslContext = crate::ssl::SslContextImpl;
-        let ssl: Option<SslContext> = {
-            match ssl_config {
-                #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
-                Some(config) => Some(SslContext::from_pem(
-                    config.certificate,
-                    Zeroizing::new(config.private_key),
-                )?),
-                #[cfg(not(any(feature = "ssl-openssl", feature = "ssl-rustls")))]
-                Some(_) => return Err(
-                    "Building a server with SSL requires enabling the `ssl` feature in tiny-http"
-                        .into(),
-                ),
-                None => None,
-            }
-        };
-
         // creating a task where server.accept() is continuously called
         // and ClientConnection objects are pushed in the messages queue
         let messages = MessagesQueue::with_capacity(8);
 
         let inside_close_trigger = close_trigger.clone();
         let inside_messages = messages.clone();
-        thread::spawn(move || {
+        let limits = Arc::new(limits);
+        let accept_thread = thread::Builder::new().name("http-accept".into());
+        accept_thread.spawn(move || {
             // a tasks pool is used to dispatch the connections into threads
             let tasks_pool = util::TaskPool::new();
+            let open = Arc::new(AtomicUsize::new(0));
+            let mut accept_errors = util::RateLimitedLog::new(Duration::from_secs(10));
 
             log::debug!("Running accept thread");
             while !inside_close_trigger.load(Relaxed) {
-                let new_client = match server.accept() {
-                    Ok((sock, _)) => {
-                        use util::RefinedTcpStream;
-                        let (read_closable, write_closable) = match ssl {
-                            None => RefinedTcpStream::new(sock),
-                            #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
-                            Some(ref ssl) => {
-                                // trying to apply SSL over the connection
-                                // if an error occurs, we just close the socket and resume listening
-                                let sock = match ssl.accept(sock) {
-                                    Ok(s) => s,
-                                    Err(_) => continue,
-                                };
-
-                                RefinedTcpStream::new(sock)
-                            }
-                            #[cfg(not(any(feature = "ssl-openssl", feature = "ssl-rustls")))]
-                            Some(ref _ssl) => unreachable!(),
-                        };
-
-                        Ok(ClientConnection::new(write_closable, read_closable))
+                let (sock, _) = match server.accept() {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // chatpool patch: an accept error (most often EMFILE: out of file
+                        // descriptors) used to end this loop, and with it the server. Wait a
+                        // moment for connections to close, and go on.
+                        accept_errors.log(|| format!("Error accepting new client: {}", e));
+                        thread::sleep(Duration::from_millis(10));
+                        continue;
                     }
-                    Err(e) => Err(e),
+                };
+                // chatpool patch: bound how long a client may keep the connection's thread
+                // waiting, and how many connections are open at once.
+                if let Err(e) = sock.set_timeouts(limits.timeout) {
+                    log::debug!("Cannot set timeouts on a new connection: {}", e);
+                    continue;
+                }
+                let slot = match util::Slot::take(&open, limits.max_connections) {
+                    Some(slot) => slot,
+                    None => {
+                        refuse_connection(sock, &limits);
+                        continue;
+                    }
                 };
 
-                match new_client {
-                    Ok(client) => {
-                        let messages = inside_messages.clone();
-                        let mut client = Some(client);
-                        tasks_pool.spawn(Box::new(move || {
-                            if let Some(client) = client.take() {
-                                // Synchronization is needed for HTTPS requests to avoid a deadlock
-                                if client.secure() {
-                                    let (sender, receiver) = mpsc::channel();
-                                    for rq in client {
-                                        messages.push(rq.with_notify_sender(sender.clone()).into());
-                                        receiver.recv().unwrap();
-                                    }
-                                } else {
-                                    for rq in client {
-                                        messages.push(rq.into());
-                                    }
-                                }
-                            }
-                        }));
-                    }
-
+                use util::RefinedTcpStream;
+                let halves = RefinedTcpStream::new(sock);
+                // chatpool patch: out of file descriptors, drop this one connection.
+                let (read_closable, write_closable) = match halves {
+                    Ok(halves) => halves,
                     Err(e) => {
-                        log::error!("Error accepting new client: {}", e);
-                        inside_messages.push(e.into());
-                        break;
+                        accept_errors.log(|| format!("Error accepting new client: {}", e));
+                        continue;
                     }
-                }
+                };
+                let client = ClientConnection::new(write_closable, read_closable, limits.clone());
+
+                let messages = inside_messages.clone();
+                let mut task = Some((client, slot));
+                tasks_pool.spawn(Box::new(move || {
+                    if let Some((mut client, _slot)) = task.take() {
+                        for rq in client.by_ref() {
+                            messages.push(rq.into());
+                        }
+                        client.drain_unread_body();
+                    }
+                }));
             }
             log::debug!("Terminating accept thread");
-        });
+        })?;
 
         // result
         Ok(Server {
@@ -409,6 +361,20 @@ impl Server {
     pub fn unblock(&self) {
         self.messages.unblock();
     }
+}
+
+/// chatpool patch: answers a connection over the cap with a refusal and closes it, without
+/// waiting on the client: the write goes into the new socket's empty send buffer, and the
+/// accept thread does not linger to drain what the client sends.
+fn refuse_connection(mut sock: Connection, limits: &ConnectionLimits) {
+    let response = (limits.respond)(Refusal::TooManyConnections).with_connection_close();
+    if response
+        .raw_print(&mut sock, HTTPVersion(1, 1), &[], false, None)
+        .is_ok()
+    {
+        sock.flush().ok();
+    }
+    sock.shutdown(Shutdown::Write).ok();
 }
 
 impl Iterator for IncomingRequests<'_> {

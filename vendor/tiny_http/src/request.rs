@@ -44,9 +44,6 @@ use chunked_transfer::Decoder;
 /// This means that if your code fails during the handling of a request, this "internal server
 /// error" response will automatically be sent during the stack unwinding.
 ///
-/// # Testing
-///
-/// If you want to build fake requests to test your server, use [`TestRequest`](crate::test::TestRequest).
 pub struct Request {
     // where to read the body from
     data_reader: Option<Box<dyn Read + Send + 'static>>,
@@ -55,9 +52,6 @@ pub struct Request {
     response_writer: Option<Box<dyn Write + Send + 'static>>,
 
     remote_addr: Option<SocketAddr>,
-
-    // true if HTTPS, false if HTTP
-    secure: bool,
 
     method: Method,
 
@@ -68,6 +62,9 @@ pub struct Request {
     headers: Vec<Header>,
 
     body_length: Option<usize>,
+
+    // chatpool patch: the body is longer than the limit and was not read
+    body_exceeds_limit: bool,
 
     // true if a `100 Continue` response must be sent when `as_reader()` is called
     must_send_continue: bool,
@@ -96,7 +93,7 @@ impl<R: Write> Write for NotifyOnDrop<R> {
 }
 impl<R> Drop for NotifyOnDrop<R> {
     fn drop(&mut self) {
-        self.sender.send(()).unwrap();
+        let _ = self.sender.send(());
     }
 }
 
@@ -105,6 +102,8 @@ impl<R> Drop for NotifyOnDrop<R> {
 pub enum RequestCreationError {
     /// The client sent an `Expect` header that was not recognized by tiny-http.
     ExpectationFailed,
+    /// chatpool patch: the chunked body is malformed.
+    MalformedBody,
 
     /// Error while reading data from the socket during the creation of the `Request`.
     CreationIoError(IoError),
@@ -127,14 +126,14 @@ impl From<IoError> for RequestCreationError {
 /// The `Write` object will be used by the `Request` to write the response.
 #[allow(clippy::too_many_arguments)]
 pub fn new_request<R, W>(
-    secure: bool,
     method: Method,
     path: String,
     version: HTTPVersion,
     headers: Vec<Header>,
     remote_addr: Option<SocketAddr>,
     mut source_data: R,
-    writer: W,
+    mut writer: W,
+    body_limit: Option<usize>,
 ) -> Result<Request, RequestCreationError>
 where
     R: Read + Send + 'static,
@@ -183,9 +182,31 @@ where
         }
     };
 
-    // we wrap `source_data` around a reading whose nature depends on the transfer-encoding and
-    // content-length headers
-    let reader = if connection_upgrade {
+    // chatpool patch: with a body limit, the body is read here, on the connection's thread, so
+    // that whoever answers the request never waits on the client; a body over the limit is
+    // not read on, and the connection closes after the response.
+    let mut body_exceeds_limit = false;
+    let has_body = transfer_encoding.is_some() || content_length.is_some_and(|n| n > 0);
+    let reader = if let (Some(limit), false, true) = (body_limit, connection_upgrade, has_body) {
+        if content_length.is_some_and(|n| n > limit) {
+            body_exceeds_limit = true;
+            Box::new(io::empty()) as Box<dyn Read + Send + 'static>
+        } else {
+            if expects_continue {
+                Response::new_empty(StatusCode(100))
+                    .raw_print(&mut writer, version.clone(), &headers, true, None)
+                    .map_err(RequestCreationError::CreationIoError)?;
+                writer.flush().map_err(RequestCreationError::CreationIoError)?;
+            }
+            let body = read_whole_body(&mut source_data, content_length, limit)?;
+            if body.len() > limit {
+                body_exceeds_limit = true;
+                Box::new(io::empty()) as Box<dyn Read + Send + 'static>
+            } else {
+                Box::new(Cursor::new(body)) as Box<dyn Read + Send + 'static>
+            }
+        }
+    } else if connection_upgrade {
         // if we have a `Connection: upgrade`, always keeping the whole reader
         Box::new(source_data) as Box<dyn Read + Send + 'static>
     } else if let Some(content_length) = content_length {
@@ -230,24 +251,51 @@ where
         data_reader: Some(reader),
         response_writer: Some(Box::new(writer) as Box<dyn Write + Send + 'static>),
         remote_addr,
-        secure,
         method,
         path,
         http_version: version,
         headers,
         body_length: content_length,
-        must_send_continue: expects_continue,
+        body_exceeds_limit,
+        must_send_continue: expects_continue && body_limit.is_none(),
         notify_when_responded: None,
     })
 }
 
-impl Request {
-    /// Returns true if the request was made through HTTPS.
-    #[inline]
-    pub fn secure(&self) -> bool {
-        self.secure
+/// Reads a body of `content_length` bytes, or a chunked one when that is `None`, stopping after
+/// `limit + 1` bytes of content (the caller tells "over the limit" by the length).
+fn read_whole_body<R: Read>(
+    source: &mut R,
+    content_length: Option<usize>,
+    limit: usize,
+) -> Result<Vec<u8>, RequestCreationError> {
+    let mut body = Vec::new();
+    let result = match content_length {
+        Some(n) => source.take(n as u64).read_to_end(&mut body).and_then(|read| {
+            if read < n {
+                let info = "Connection has been closed before we received enough data";
+                Err(IoError::new(ErrorKind::ConnectionAborted, info))
+            } else {
+                Ok(read)
+            }
+        }),
+        None => {
+            // Chunk framing costs a few bytes a chunk; the bound on raw bytes keeps a chunk-size
+            // line that never ends from growing without limit.
+            let raw_limit = limit.saturating_mul(8).saturating_add(65536) as u64;
+            Decoder::new(source.take(raw_limit))
+                .take(limit as u64 + 1)
+                .read_to_end(&mut body)
+        }
+    };
+    match result {
+        Ok(_) => Ok(body),
+        Err(e) if e.kind() == ErrorKind::InvalidInput => Err(RequestCreationError::MalformedBody),
+        Err(e) => Err(RequestCreationError::CreationIoError(e)),
     }
+}
 
+impl Request {
     /// Returns the method requested by the client (eg. `GET`, `POST`, etc.).
     #[inline]
     pub fn method(&self) -> &Method {
@@ -278,6 +326,14 @@ impl Request {
     #[inline]
     pub fn body_length(&self) -> Option<usize> {
         self.body_length
+    }
+
+    /// chatpool patch: whether the body is longer than the server's body limit (declared so by
+    /// `Content-Length`, or found so while reading a chunked body). Such a body is not read, the
+    /// request's reader is empty, and the connection closes after the response.
+    #[inline]
+    pub fn body_exceeds_limit(&self) -> bool {
+        self.body_exceeds_limit
     }
 
     /// Returns the address of the client that sent this request.
@@ -435,7 +491,7 @@ impl Request {
     {
         let res = self.respond_impl(response);
         if let Some(sender) = self.notify_when_responded.take() {
-            sender.send(()).unwrap();
+            let _ = sender.send(());
         }
         res
     }
@@ -447,6 +503,12 @@ impl Request {
         let mut writer = self.extract_writer_impl();
 
         let do_not_send_body = self.method == Method::Head;
+        // chatpool patch: the unread rest of an oversized body ends the connection.
+        let response = if self.body_exceeds_limit {
+            response.with_connection_close()
+        } else {
+            response
+        };
 
         Self::ignore_client_closing_errors(response.raw_print(
             writer.by_ref(),
@@ -491,7 +553,7 @@ impl Drop for Request {
             let response = Response::empty(500);
             let _ = self.respond_impl(response); // ignoring any potential error
             if let Some(sender) = self.notify_when_responded.take() {
-                sender.send(()).unwrap();
+                let _ = sender.send(());
             }
         }
     }

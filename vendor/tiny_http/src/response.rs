@@ -298,6 +298,14 @@ where
         self
     }
 
+    /// chatpool patch: tells the client that the server closes the connection after this
+    /// response (`add_header` drops `Connection` headers, since tiny_http manages them).
+    pub(crate) fn with_connection_close(mut self) -> Response<R> {
+        self.headers
+            .push(Header::from_bytes(&b"Connection"[..], &b"close"[..]).unwrap());
+        self
+    }
+
     /// Returns the same request, but with a different status code.
     #[inline]
     pub fn with_status_code<S>(mut self, code: S) -> Response<R>

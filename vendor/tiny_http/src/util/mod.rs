@@ -4,7 +4,8 @@ pub use self::fused_reader::FusedReader;
 pub use self::messages_queue::MessagesQueue;
 pub use self::refined_tcp_stream::RefinedTcpStream;
 pub use self::sequential::{SequentialReader, SequentialReaderBuilder};
-pub use self::sequential::{SequentialWriter, SequentialWriterBuilder};
+pub use self::sequential::SequentialWriterBuilder;
+pub use self::slots::{RateLimitedLog, Slot};
 pub use self::task_pool::TaskPool;
 
 use std::str::FromStr;
@@ -15,6 +16,7 @@ mod fused_reader;
 mod messages_queue;
 pub(crate) mod refined_tcp_stream;
 mod sequential;
+mod slots;
 mod task_pool;
 
 /// Parses a the value of a header.

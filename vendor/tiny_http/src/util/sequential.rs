@@ -65,6 +65,13 @@ impl<R: Read + Send> SequentialReaderBuilder<R> {
 }
 
 impl<W: Write + Send> SequentialWriterBuilder<W> {
+    /// chatpool patch: the writer all the sequential writers share, once none is writing.
+    pub fn with_inner(&self, f: impl FnOnce(&mut W)) {
+        if let Ok(mut writer) = self.writer.lock() {
+            f(&mut writer);
+        }
+    }
+
     pub fn new(writer: W) -> SequentialWriterBuilder<W> {
         SequentialWriterBuilder {
             writer: Arc::new(Mutex::new(writer)),

@@ -69,7 +69,11 @@ impl TaskPool {
     pub fn spawn(&self, code: Box<dyn FnMut() + Send>) {
         let mut queue = self.sharing.todo.lock().unwrap();
 
-        if self.sharing.waiting_tasks.load(Ordering::Acquire) == 0 {
+        // chatpool patch: a waiting thread may already be promised to a task queued before this
+        // one (it stops counting as waiting only once it wakes). Queue only while every queued
+        // task has a waiting thread of its own; otherwise a burst of keep-alive connections was
+        // left in the queue behind four threads until a connection closed.
+        if self.sharing.waiting_tasks.load(Ordering::Acquire) <= queue.len() {
             self.add_thread(Some(code));
         } else {
             queue.push_back(code);
@@ -80,7 +84,10 @@ impl TaskPool {
     fn add_thread(&self, initial_fn: Option<Box<dyn FnMut() + Send>>) {
         let sharing = self.sharing.clone();
 
-        thread::spawn(move || {
+        // chatpool patch: a thread that cannot be started (the process's thread limit) drops
+        // its task, which closes that one connection, instead of panicking the accept thread;
+        // and the threads are named, so that `top -H` and perf tell them apart.
+        let spawned = thread::Builder::new().name("http-conn".into()).spawn(move || {
             let sharing = sharing;
             let _active_guard = Registration::new(&sharing.active_tasks);
 
@@ -124,6 +131,9 @@ impl TaskPool {
                 task();
             }
         });
+        if let Err(e) = spawned {
+            log::error!("Cannot start a connection thread: {}", e);
+        }
     }
 }
 
@@ -133,5 +143,38 @@ impl Drop for TaskPool {
             .active_tasks
             .store(999_999_999, Ordering::Release);
         self.sharing.condvar.notify_all();
+    }
+}
+
+// chatpool patch: the regression test for the fix in `spawn`.
+#[cfg(test)]
+mod tests {
+    use super::TaskPool;
+    use std::sync::mpsc;
+    use std::sync::{Arc, Barrier};
+    use std::time::Duration;
+
+    #[test]
+    fn every_task_of_a_burst_of_long_tasks_runs_at_once() {
+        const TASKS: usize = 32;
+        let pool = TaskPool::new();
+        // Let the four initial threads reach their wait, as they have on a server at rest.
+        std::thread::sleep(Duration::from_millis(200));
+        let (started_tx, started_rx) = mpsc::channel();
+        let release = Arc::new(Barrier::new(TASKS + 1));
+        for _ in 0..TASKS {
+            let (started_tx, release) = (started_tx.clone(), release.clone());
+            // Like a keep-alive connection: the task holds its thread until released.
+            pool.spawn(Box::new(move || {
+                let _ = started_tx.send(());
+                release.wait();
+            }));
+        }
+        for n in 0..TASKS {
+            started_rx
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|_| panic!("only {} of {} tasks got a thread", n, TASKS));
+        }
+        release.wait();
     }
 }
