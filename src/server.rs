@@ -167,7 +167,7 @@ impl Server {
             readiness,
             config: Arc::clone(&config),
             started: Instant::now(),
-            shed: ShedLog::new(),
+            refusals: RefusalLog::new(),
         };
         let (running_tx, running) = crossbeam_channel::bounded(1);
         let acceptor = thread::Builder::new()
@@ -328,20 +328,21 @@ struct Acceptor {
     readiness: Store,
     config: Arc<Config>,
     started: Instant,
-    shed: ShedLog,
+    refusals: RefusalLog,
 }
 
-/// Requests refused to shed load (503 and 409), summed up in one info line a second.
-struct ShedLog {
+/// Requests refused by the acceptor in storms (401, 404, 409 and 503), summed up in one info
+/// line a second.
+struct RefusalLog {
     since: Instant,
     counts: Vec<(&'static str, u64)>,
 }
 
-impl ShedLog {
+impl RefusalLog {
     const EVERY: Duration = Duration::from_secs(1);
 
-    fn new() -> ShedLog {
-        ShedLog {
+    fn new() -> RefusalLog {
+        RefusalLog {
             since: Instant::now(),
             counts: Vec::new(),
         }
@@ -354,7 +355,7 @@ impl ShedLog {
         }
     }
 
-    /// Logs what was shed since the last line, once a second at most.
+    /// Logs what was refused since the last line, once a second at most.
     fn log_if_due(&mut self) {
         let elapsed = self.since.elapsed();
         if elapsed < Self::EVERY {
@@ -368,7 +369,7 @@ impl ShedLog {
                 .map(|(k, n)| format!("{k} {n}"))
                 .collect();
             log::info!(
-                "shed {total} requests in {:.1}s ({}); chatpool_rejected_total counts them",
+                "refused {total} requests in {:.1}s ({}); a line each at debug level",
                 elapsed.as_secs_f64(),
                 kinds.join(", ")
             );
@@ -387,11 +388,11 @@ impl Acceptor {
                     self.admission.in_flight()
                 );
             }
-            self.shed.log_if_due();
-            // Wakes at least once a second for the shed summary. `unblock()` ends the wait
+            self.refusals.log_if_due();
+            // Wakes at least once a second for the refusals summary. `unblock()` ends the wait
             // too, behind the requests already received, which are answered first.
             let stopping = || self.control.stopping.load(Ordering::SeqCst);
-            match self.http.recv_timeout(ShedLog::EVERY) {
+            match self.http.recv_timeout(RefusalLog::EVERY) {
                 Ok(Some(request)) => self.dispatch(request),
                 Ok(None) if stopping() => return,
                 Ok(None) => {}
@@ -483,20 +484,21 @@ impl Acceptor {
         received: Instant,
     ) {
         let (status, kind) = error.status_and_type();
-        let shed = status == 503 || status == 409;
-        if shed {
+        if status == 503 || status == 409 {
             self.metrics.rejected(kind);
         }
+        // Refusals come in storms: a client retrying each 503 at once, or one with a wrong
+        // token or a wrong path in a loop, can send tens of thousands a second.
+        let summarised = matches!(status, 401 | 404 | 409 | 503);
         let (method, url) = (request.method().to_string(), request.url().to_string());
         api::respond(request, api::error_response(error, request_id), request_id);
         self.metrics.request(route, status);
         let millis = received.elapsed().as_secs_f64() * 1e3;
-        if shed {
-            // Shed load comes in storms (a client retrying each 503 at once can send tens of
-            // thousands a second); a line for each would cost more than the answer. Each one
-            // still has a debug line, and the info log a summary a second.
+        if summarised {
+            // A line for each would cost more than the answer and could fill the disk; each
+            // one still has a debug line, and the info log a summary a second.
             log::debug!("{method} {url} {status} {millis:.1}ms request_id={request_id}");
-            self.shed.count(kind);
+            self.refusals.count(kind);
         } else {
             api::log_request(&method, &url, status, millis, request_id);
         }

@@ -3,6 +3,7 @@
 use crate::support::*;
 use sha2::{Digest, Sha256};
 use std::process::Command;
+use std::time::Duration;
 
 /// Runs `chatpool token NAME`; returns the token and the config entry it printed.
 fn new_token(name: &str) -> (String, String) {
@@ -71,6 +72,38 @@ fn missing_malformed_and_wrong_tokens_are_401() {
     assert_eq!(get(server.addr, "/healthz").status, 200);
     assert_eq!(get(server.addr, "/metrics").status, 200);
     assert!(!server.log().contains(&token), "a token reached the log");
+}
+
+#[test]
+fn a_storm_of_401s_and_404s_is_summarised_in_the_log_not_a_line_each() {
+    let (_, entry) = new_token("alice");
+    let work = Workdir::new();
+    let server = work.serve(&format!("[auth]\ntokens = [{entry}]\n"));
+    let wrong = [("Authorization", "Bearer cp_not-the-token")];
+    for _ in 0..100 {
+        let r = request(server.addr, "GET", "/v1/chats", None, &wrong);
+        assert_eq!(r.status, 401);
+        assert_eq!(get(server.addr, "/v1/no-such-route").status, 404);
+    }
+    let summed = |kind: &str| -> u64 {
+        let marker = format!("{kind} ");
+        server
+            .log()
+            .lines()
+            .filter(|line| line.contains("refused ") && line.contains(" requests in "))
+            .filter_map(|line| line.split(&marker).nth(1))
+            .filter_map(|rest| rest.split([',', ')']).next()?.parse::<u64>().ok())
+            .sum()
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || summed("unauthorized") == 100
+            && summed("not_found") == 100),
+        "{}",
+        server.log()
+    );
+    let log = server.log();
+    assert!(!log.contains(" 401 ") && !log.contains(" 404 "), "{log}");
+    assert!(log.lines().count() < 30, "{log}");
 }
 
 #[test]
