@@ -34,12 +34,13 @@ pub struct Usage {
 }
 
 impl Usage {
-    /// Usage from its two parts.
+    /// Usage from its two parts. The counts come from the upstream, so their sum saturates
+    /// rather than overflow.
     pub fn new(prompt_tokens: u64, completion_tokens: u64) -> Usage {
         Usage {
             prompt_tokens,
             completion_tokens,
-            total_tokens: prompt_tokens + completion_tokens,
+            total_tokens: prompt_tokens.saturating_add(completion_tokens),
         }
     }
 }
@@ -219,6 +220,14 @@ pub fn error_detail(body: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn usage_from_huge_counts_saturates_instead_of_overflowing() {
+        let usage = Usage::new(u64::MAX - 1, 5);
+        assert_eq!(usage.total_tokens, u64::MAX);
+        assert_eq!(Usage::new(u64::MAX, u64::MAX).total_tokens, u64::MAX);
+        assert_eq!(Usage::new(7, 2).total_tokens, 9);
+    }
 
     #[test]
     fn parses_a_completion_with_and_without_usage() {

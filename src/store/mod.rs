@@ -496,8 +496,11 @@ fn insert_exchange(conn: &Connection, exchange: &Exchange) -> Result<i64, StoreE
                                prompt_tokens, completion_tokens, idempotency_key)
          VALUES (?1, ?2, ?3, ?4, ?5, {NOW}, ?6, ?7, ?8, ?9)"
     ))?;
+    // SQLite's integers are signed; a count past i64::MAX (only a broken upstream sends one)
+    // is stored as the largest it can hold.
+    let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
     let (prompt, completion) = match exchange.usage {
-        Some((p, c)) => (Some(p as i64), Some(c as i64)),
+        Some((p, c)) => (Some(count(p)), Some(count(c))),
         None => (None, None),
     };
     let (tenant, chat_id) = (&exchange.tenant, &exchange.chat_id);
