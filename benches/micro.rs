@@ -138,7 +138,7 @@ fn pure(c: &mut Criterion) {
             let target = route(
                 &tiny_http::Method::Post,
                 black_box("/v1/chats/chat-42/messages"),
-                None,
+                &[],
             )
             .expect("route");
             (

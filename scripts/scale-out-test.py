@@ -244,8 +244,22 @@ def run(binary, work):
         assert headers["x-served-by"] == owners[chat], f"{chat}: {headers['x-served-by']}"
         ledger[chat].extend([text, body["choices"][0]["message"]["content"]])
     list(pool.map(openai, CHATS))
+    # HAProxy and chatpool read the same key: the path's chat on a path route, whatever
+    # X-Chat-Id says, and an X-Chat-Id holding a list is refused wherever it lands.
+    chat = CHATS[0]
+    decoy = next(other for other in CHATS if owners[other] != owners[chat])
+    text = f"path over header to {chat}"
+    status, headers, body = call(proxy.port, "POST", f"/v1/chats/{chat}/messages",
+                                 {"content": text}, {"X-Chat-Id": decoy})
+    assert status == 200 and headers["x-served-by"] == owners[chat], (status, headers, body)
+    ledger[chat].extend([text, body["reply"]])
+    status, _, body = call(proxy.port, "POST", "/v1/chat/completions",
+                           {"model": "m", "messages": [{"role": "user", "content": "x"}]},
+                           {"X-Chat-Id": f"{decoy},{chat}"})
+    assert status == 400 and "X-Chat-Id" in body["error"]["message"], (status, body)
     check_histories(proxy, instances, ledger, owners, CHATS)
-    log("2. the same 300 chats through /v1/chat/completions with X-Chat-Id: same instances")
+    log("2. the same 300 chats through /v1/chat/completions with X-Chat-Id: same instances; "
+        "the path beats X-Chat-Id, and a list in it is refused")
 
     # 3. SIGTERM to c: it drains, HAProxy takes it out, the others keep working.
     c = instances[2]

@@ -412,11 +412,8 @@ impl Acceptor {
             .filter(|id| api::request::is_sane_token(id))
             .map(str::to_string)
             .unwrap_or_else(api::new_request_id);
-        match api::route(
-            request.method(),
-            request.url(),
-            api::header(&request, "X-Chat-Id"),
-        ) {
+        let chat_headers: Vec<&str> = api::headers(&request, "X-Chat-Id").collect();
+        match api::route(request.method(), request.url(), &chat_headers) {
             Ok(Target::Ops(ops)) => {
                 let response = self.ops(ops);
                 self.metrics.request(ops.name(), response.status_code().0);

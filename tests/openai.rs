@@ -244,3 +244,41 @@ fn bad_front_door_requests_get_the_contract_errors() {
     );
     assert_eq!(request(server.addr, "GET", PATH, None, &[]).status, 405);
 }
+
+#[test]
+fn the_routing_key_is_the_path_id_on_path_routes_and_one_x_chat_id_elsewhere() {
+    let work = Workdir::new();
+    let server = work.serve("");
+    let two = [("X-Chat-Id", "c1"), ("X-Chat-Id", "c2")];
+    let listed = [("X-Chat-Id", "c1,c2")];
+    for headers in [&two[..], &listed[..]] {
+        for (path, body) in [
+            (PATH, body(false, "hi")),
+            (
+                "/v1/chats/c1/messages",
+                json!({"content": "hi"}).to_string(),
+            ),
+        ] {
+            let r = request(server.addr, "POST", path, Some(&body), headers);
+            assert_eq!((r.status, r.error_type()), (400, "invalid_request".into()));
+            let message = r.json()["error"]["message"].to_string();
+            assert!(
+                message.contains("X-Chat-Id"),
+                "{path} {headers:?}: {message}"
+            );
+        }
+    }
+    assert!(stored_messages(&work.db(), "c1").is_empty());
+    assert!(stored_messages(&work.db(), "c2").is_empty());
+    // On a path route the path names the chat, whatever X-Chat-Id says.
+    let r = request(
+        server.addr,
+        "POST",
+        "/v1/chats/c1/messages",
+        Some(r#"{"content":"hi"}"#),
+        &[("X-Chat-Id", "elsewhere")],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(stored_messages(&work.db(), "c1").len(), 2);
+    assert!(stored_messages(&work.db(), "elsewhere").is_empty());
+}

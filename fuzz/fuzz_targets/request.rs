@@ -29,8 +29,8 @@ fuzz_target!(|data: &[u8]| {
         .and_then(|m| m.parse().ok())
         .unwrap_or(tiny_http::Method::Get);
     let url = parts.next().unwrap_or("/");
-    let chat = parts.next();
-    match api::route(&method, url, chat) {
+    let chats: Vec<&str> = parts.next().into_iter().collect();
+    match api::route(&method, url, &chats) {
         Ok(Target::Api(Route::PostMessage { chat_id })) => {
             assert!(api::route::is_valid_chat_id(&chat_id), "{chat_id:?}");
         }

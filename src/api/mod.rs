@@ -70,6 +70,18 @@ pub fn header<'a>(request: &'a tiny_http::Request, name: &'static str) -> Option
         .map(|h| h.value.as_str())
 }
 
+/// Every value of a request header, by case-insensitive name, in the order sent.
+pub fn headers<'a>(
+    request: &'a tiny_http::Request,
+    name: &'static str,
+) -> impl Iterator<Item = &'a str> {
+    request
+        .headers()
+        .iter()
+        .filter(move |h| h.field.equiv(name))
+        .map(|h| h.value.as_str())
+}
+
 /// The one info line logged per API request.
 pub fn log_request(method: &str, url: &str, status: u16, millis: f64, request_id: &str) {
     log::info!("{method} {url} {status} {millis:.1}ms request_id={request_id}");

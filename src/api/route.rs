@@ -100,9 +100,44 @@ impl Ops {
 const DEFAULT_LIMIT: usize = 50;
 const MAX_LIMIT: usize = 500;
 
-/// Finds the target of a request, or the 400/404/405 that answers it. `chat_header` is the
-/// request's `X-Chat-Id`, which makes an OpenAI-style completion history-backed.
-pub fn route(method: &Method, url: &str, chat_header: Option<&str>) -> Result<Target, ApiError> {
+/// Finds the target of a request, or the 400/404/405 that answers it. `chat_headers` are the
+/// request's `X-Chat-Id` values: one makes an OpenAI-style completion history-backed.
+///
+/// A chat's requests must all reach the instance that owns it, and a proxy in front (see
+/// `deploy/haproxy.cfg`) routes on the same key as this: the path's chat id on
+/// `/v1/chats/{chat_id}/…`, else `X-Chat-Id`. An API request with two `X-Chat-Id` headers, or
+/// one with a comma (which proxies read as a list), is refused, since a proxy and chatpool
+/// could each take a different one.
+pub fn route(method: &Method, url: &str, chat_headers: &[&str]) -> Result<Target, ApiError> {
+    let mut target = route_path(method, url)?;
+    if let Target::Api(route) = &mut target {
+        let header = single_chat_header(chat_headers)?;
+        if let Route::ChatCompletions { chat_id } = route {
+            *chat_id = header.map(chat_id_from_header).transpose()?;
+        }
+    }
+    Ok(target)
+}
+
+/// The one `X-Chat-Id` value, if any; refuses more than one, or one holding a comma.
+fn single_chat_header<'a>(values: &[&'a str]) -> Result<Option<&'a str>, ApiError> {
+    if values.len() > 1 {
+        return Err(ApiError::InvalidRequest(format!(
+            "send at most one X-Chat-Id header, not {}",
+            values.len()
+        )));
+    }
+    if values.iter().any(|v| v.contains(',')) {
+        return Err(ApiError::InvalidRequest(
+            "X-Chat-Id holds one chat id, without commas".into(),
+        ));
+    }
+    Ok(values.first().copied())
+}
+
+/// The target by method and URL alone; an OpenAI-style completion is stateless until
+/// [`route`] gives it its `X-Chat-Id`.
+fn route_path(method: &Method, url: &str) -> Result<Target, ApiError> {
     let (path, query) = url.split_once('?').unwrap_or((url, ""));
     let segments: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
     let only = |allowed: &'static str, ok: bool| {
@@ -120,13 +155,12 @@ pub fn route(method: &Method, url: &str, chat_header: Option<&str>) -> Result<Ta
         ["metrics"] => only("GET", get).map(|_| Target::Ops(Ops::Metrics))?,
         ["v1", "chats"] => {
             only("GET", get)?;
-            let q = Query::parse(query)?;
+            let q = Query::parse(query, false)?;
             Target::Api(Route::ListChats { limit: q.limit })
         }
         ["v1", "chat", "completions"] => {
             only("POST", *method == Method::Post)?;
-            let chat_id = chat_header.map(chat_id).transpose()?;
-            Target::Api(Route::ChatCompletions { chat_id })
+            Target::Api(Route::ChatCompletions { chat_id: None })
         }
         ["v1", "models"] => only("GET", get).map(|_| Target::Api(Route::ListModels))?,
         ["v1", "chats", id] => {
@@ -141,7 +175,7 @@ pub fn route(method: &Method, url: &str, chat_header: Option<&str>) -> Result<Ta
             }),
             Method::Get => {
                 let chat_id = chat_id(id)?;
-                let q = Query::parse(query)?;
+                let q = Query::parse(query, true)?;
                 Target::Api(Route::GetMessages {
                     chat_id,
                     limit: q.limit,
@@ -164,12 +198,20 @@ pub fn is_valid_chat_id(id: &str) -> bool {
 }
 
 fn chat_id(id: &str) -> Result<String, ApiError> {
+    valid_chat_id(id, "chat_id")
+}
+
+fn chat_id_from_header(id: &str) -> Result<String, ApiError> {
+    valid_chat_id(id, "X-Chat-Id")
+}
+
+fn valid_chat_id(id: &str, name: &str) -> Result<String, ApiError> {
     if is_valid_chat_id(id) {
         Ok(id.to_string())
     } else {
-        Err(ApiError::InvalidRequest(
-            "chat_id must be 1 to 128 characters of A-Z a-z 0-9 . _ -".into(),
-        ))
+        Err(ApiError::InvalidRequest(format!(
+            "{name} must be 1 to 128 characters of A-Z a-z 0-9 . _ -"
+        )))
     }
 }
 
@@ -179,7 +221,9 @@ struct Query {
 }
 
 impl Query {
-    fn parse(query: &str) -> Result<Query, ApiError> {
+    /// `before` pages a chat's messages; the chat list has no such cursor, so there it is
+    /// refused rather than silently ignored.
+    fn parse(query: &str, takes_before: bool) -> Result<Query, ApiError> {
         let mut q = Query {
             limit: DEFAULT_LIMIT,
             before: None,
@@ -198,7 +242,7 @@ impl Query {
                             ))
                         })?;
                 }
-                "before" => {
+                "before" if takes_before => {
                     q.before =
                         Some(value.parse().ok().filter(|n: &i64| *n > 0).ok_or_else(|| {
                             ApiError::InvalidRequest(
@@ -207,9 +251,14 @@ impl Query {
                         })?);
                 }
                 other => {
+                    let expected = if takes_before {
+                        "limit or before"
+                    } else {
+                        "limit"
+                    };
                     return Err(ApiError::InvalidRequest(format!(
-                        "unknown query parameter `{other}`; expected limit or before"
-                    )))
+                        "unknown query parameter `{other}`; expected {expected}"
+                    )));
                 }
             }
         }
@@ -222,24 +271,24 @@ mod tests {
     use super::*;
 
     fn api(method: Method, url: &str) -> Route {
-        match route(&method, url, None) {
+        match route(&method, url, &[]) {
             Ok(Target::Api(r)) => r,
             other => panic!("{url}: {other:?}"),
         }
     }
 
     fn err(method: Method, url: &str) -> (u16, &'static str) {
-        route(&method, url, None).unwrap_err().status_and_type()
+        route(&method, url, &[]).unwrap_err().status_and_type()
     }
 
     #[test]
     fn routes_every_endpoint() {
         assert_eq!(
-            route(&Method::Get, "/healthz", None).unwrap(),
+            route(&Method::Get, "/healthz", &[]).unwrap(),
             Target::Ops(Ops::Healthz)
         );
         assert_eq!(
-            route(&Method::Get, "/metrics", None).unwrap(),
+            route(&Method::Get, "/metrics", &[]).unwrap(),
             Target::Ops(Ops::Metrics)
         );
         assert_eq!(
@@ -270,22 +319,22 @@ mod tests {
 
     #[test]
     fn the_openai_front_door_takes_its_chat_from_the_header() {
-        let chat = route(&Method::Post, "/v1/chat/completions", Some("c-7")).unwrap();
+        let chat = route(&Method::Post, "/v1/chat/completions", &["c-7"]).unwrap();
         assert_eq!(
             chat,
             Target::Api(Route::ChatCompletions {
                 chat_id: Some("c-7".into())
             })
         );
-        let stateless = route(&Method::Post, "/v1/chat/completions", None).unwrap();
+        let stateless = route(&Method::Post, "/v1/chat/completions", &[]).unwrap();
         assert_eq!(
             stateless,
             Target::Api(Route::ChatCompletions { chat_id: None })
         );
-        let bad = route(&Method::Post, "/v1/chat/completions", Some("no spaces")).unwrap_err();
+        let bad = route(&Method::Post, "/v1/chat/completions", &["no spaces"]).unwrap_err();
         assert_eq!(bad.status_and_type(), (400, "invalid_request"));
         assert_eq!(
-            route(&Method::Get, "/v1/models", None).unwrap(),
+            route(&Method::Get, "/v1/models", &[]).unwrap(),
             Target::Api(Route::ListModels)
         );
     }
@@ -334,5 +383,37 @@ mod tests {
             );
         }
         assert!(is_valid_chat_id(&"a".repeat(128)));
+    }
+
+    #[test]
+    fn before_on_the_chat_list_is_refused_by_name() {
+        let error = route(&Method::Get, "/v1/chats?limit=5&before=9", &[]).unwrap_err();
+        assert_eq!(error.status_and_type(), (400, "invalid_request"));
+        assert!(error.to_string().contains("`before`"), "{error}");
+    }
+
+    #[test]
+    fn an_api_request_carries_at_most_one_chat_header_without_commas() {
+        let completions = |headers: &[&str]| route(&Method::Post, "/v1/chat/completions", headers);
+        let path = |headers: &[&str]| route(&Method::Post, "/v1/chats/c1/messages", headers);
+        for refused in [
+            completions(&["a", "b"]),
+            completions(&["a,b"]),
+            path(&["a", "a"]),
+            path(&["c1,c2"]),
+        ] {
+            let error = refused.unwrap_err();
+            assert_eq!(error.status_and_type(), (400, "invalid_request"));
+            assert!(error.to_string().contains("X-Chat-Id"), "{error}");
+        }
+        // On a path route the path names the chat; a single header does not change it.
+        assert_eq!(
+            path(&["other"]).unwrap(),
+            Target::Api(Route::PostMessage {
+                chat_id: "c1".into()
+            })
+        );
+        // Operations endpoints do not route by chat.
+        assert!(route(&Method::Get, "/healthz", &["a", "b"]).is_ok());
     }
 }
