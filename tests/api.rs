@@ -264,6 +264,14 @@ const BAD_REQUESTS: &[(&str, &str, &str, u16, &str, &str)] = &[
         "GET, POST",
     ),
     ("POST", "/v1/chats", "", 405, "method_not_allowed", "GET"),
+    (
+        "GET",
+        "/v1/chats?before=5",
+        "",
+        400,
+        "invalid_request",
+        "`before`",
+    ),
     ("DELETE", "/healthz", "", 405, "method_not_allowed", "GET"),
 ];
 
