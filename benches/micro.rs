@@ -67,7 +67,7 @@ fn storage(c: &mut Criterion) {
             b.iter(|| {
                 chat = (chat + 7919) % CHATS;
                 let newest = store
-                    .newest_messages(DEFAULT_TENANT, &format!("chat-{chat}"), 40)
+                    .history_window(DEFAULT_TENANT, &format!("chat-{chat}"), 40, 32_000)
                     .expect("read");
                 black_box(prompt::window(newest, 32_000))
             })

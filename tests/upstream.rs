@@ -53,6 +53,41 @@ fn the_upstream_gets_system_prompt_history_window_new_message_model_and_key() {
 }
 
 #[test]
+fn a_chat_with_huge_old_messages_sends_only_the_window_and_never_loads_the_rest() {
+    let upstream = FakeUpstream::start(Box::new(|_, _| (200, completion("ok"))));
+    let work = Workdir::new();
+    let config = format!(
+        "[history]\nmax_messages = 40\nmax_chars = 1000\nsystem_prompt = \"\"\n\n{}",
+        openai_llm(upstream.addr, "")
+    );
+    let server = work.serve(&config);
+    for text in ["huge one", "huge two", "small", "new"] {
+        if text == "small" {
+            // The first exchange (ids 1 and 2) becomes 5 MB each of something that cannot be
+            // read as text at all, which only a window that loads rows past max_chars would
+            // trip on; the second (ids 3 and 4) a 5-million-character question.
+            let conn = rusqlite::Connection::open(work.db()).unwrap();
+            conn.execute_batch(
+                "UPDATE messages SET content = zeroblob(5000000) WHERE id IN (1, 2);
+                 UPDATE messages SET content = printf('%.*c', 5000000, 'x') WHERE id = 3;",
+            )
+            .unwrap();
+        }
+        assert_eq!(send(server.addr, "c", text).status, 200, "{text}");
+    }
+    let last = upstream.seen().pop().unwrap();
+    assert_eq!(
+        last.messages(),
+        pairs(&[
+            ("assistant", "ok"),
+            ("user", "small"),
+            ("assistant", "ok"),
+            ("user", "new")
+        ])
+    );
+}
+
+#[test]
 fn the_history_window_is_bounded_by_characters_newest_kept() {
     let upstream = FakeUpstream::start(Box::new(|_, _| (200, completion("ok"))));
     let work = Workdir::new();

@@ -344,7 +344,7 @@ impl Handler {
                     return self.answer(call, &turn, Ok(answer), None);
                 }
             }
-            store.newest_messages(tenant, &chat_id, max_messages)?
+            store.history_window(tenant, &chat_id, max_messages, max_chars)?
         };
         let window = prompt::window(newest, max_chars);
         turn.messages = assemble(&window);

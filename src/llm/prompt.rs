@@ -1,6 +1,6 @@
 //! Prompt assembly: which earlier messages go to the LLM, and in what order.
 //!
-//! Pure functions over values; the store only supplies the newest `max_messages` rows.
+//! Pure functions over values; the store supplies the newest messages that fit the window.
 
 use super::wire::ChatMessage;
 use crate::store::Message;

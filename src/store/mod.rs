@@ -324,19 +324,52 @@ impl Store {
         Ok(())
     }
 
-    /// The `limit` newest messages of a chat, newest first; reads no more rows than that.
-    pub fn newest_messages(
+    /// A chat's history window, newest first: its newest messages, at most `max_messages` of
+    /// them, while their characters add up to at most `max_chars`, stopping at the first that
+    /// does not fit. Only those rows are loaded: a chat with huge old messages costs their
+    /// lengths, not their text.
+    pub fn history_window(
         &mut self,
         tenant: &str,
         chat_id: &str,
-        limit: usize,
+        max_messages: usize,
+        max_chars: usize,
     ) -> Result<Vec<Message>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT id, role, content, created_at FROM messages
-             WHERE tenant = ?1 AND chat_id = ?2 ORDER BY id DESC LIMIT ?3",
-        )?;
-        let rows = stmt.query_map(params![tenant, chat_id, limit as i64], message_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        // One read transaction, so both statements see the same messages.
+        let tx = self.conn.transaction()?;
+        // length() counts characters, as the window does (up to a NUL, which only makes it
+        // load a message more; the prompt's window trims on the text itself).
+        let lengths: Vec<(i64, i64)> = tx
+            .prepare_cached(
+                "SELECT id, length(content) FROM messages
+                 WHERE tenant = ?1 AND chat_id = ?2 ORDER BY id DESC LIMIT ?3",
+            )?
+            .query_map(params![tenant, chat_id, max_messages as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        let mut used = 0u64;
+        let count = lengths
+            .iter()
+            .take_while(|(_, chars)| {
+                used = used.saturating_add(u64::try_from(*chars).unwrap_or(0));
+                used <= max_chars as u64
+            })
+            .count();
+        let Some(&(oldest, _)) = count.checked_sub(1).and_then(|last| lengths.get(last)) else {
+            return Ok(Vec::new());
+        };
+        let messages = tx
+            .prepare_cached(
+                "SELECT id, role, content, created_at FROM messages
+                 WHERE tenant = ?1 AND chat_id = ?2 AND id >= ?3 ORDER BY id DESC LIMIT ?4",
+            )?
+            .query_map(
+                params![tenant, chat_id, oldest, count as i64],
+                message_from_row,
+            )?
+            .collect::<Result<_, _>>()?;
+        Ok(messages)
     }
 
     /// The reply stored earlier under this idempotency key in this chat, if any.
@@ -638,7 +671,7 @@ mod tests {
             .unwrap();
         drop(s);
         let mut s = Store::open_and_migrate(&path, Synchronous::Full).unwrap();
-        assert_eq!(s.newest_messages(T, "c", 10).unwrap().len(), 2);
+        assert_eq!(s.history_window(T, "c", 10, usize::MAX).unwrap().len(), 2);
     }
 
     #[test]
@@ -670,12 +703,41 @@ mod tests {
         let first = s.append_exchange(&exchange("c", "u1", "a1", None)).unwrap();
         let second = s.append_exchange(&exchange("c", "u2", "a2", None)).unwrap();
         assert!(second > first);
-        let newest = s.newest_messages(T, "c", 3).unwrap();
+        let newest = s.history_window(T, "c", 3, usize::MAX).unwrap();
         let texts: Vec<_> = newest.iter().map(|m| m.content.as_str()).collect();
         assert_eq!(texts, ["a2", "u2", "a1"]);
         let chats = s.list_chats(T, 10).unwrap();
         assert_eq!(chats.len(), 1);
         assert_eq!(chats[0].message_count, 4);
+    }
+
+    #[test]
+    fn the_history_window_loads_only_the_newest_messages_that_fit() {
+        let (_d, mut s) = temp_store();
+        s.append_exchange(&exchange("c", "old question", "old answer", None))
+            .unwrap();
+        s.append_exchange(&exchange("c", "ééé", "日本", None))
+            .unwrap();
+        // Never read as text: a row the window does not reach is not loaded at all.
+        s.conn
+            .execute(
+                "UPDATE messages SET content = zeroblob(1000000) WHERE id = 2",
+                [],
+            )
+            .unwrap();
+        let texts = |window: Vec<Message>| -> Vec<String> {
+            window.into_iter().map(|m| m.content).collect()
+        };
+        assert_eq!(
+            texts(s.history_window(T, "c", 40, 5).unwrap()),
+            ["日本", "ééé"]
+        );
+        assert_eq!(texts(s.history_window(T, "c", 40, 4).unwrap()), ["日本"]);
+        assert_eq!(texts(s.history_window(T, "c", 1, 100).unwrap()), ["日本"]);
+        assert!(s.history_window(T, "c", 40, 1).unwrap().is_empty());
+        assert!(s.history_window(T, "c", 0, 100).unwrap().is_empty());
+        // The huge message stops the window: nothing older is taken past it.
+        assert_eq!(s.history_window(T, "c", 40, 999_999).unwrap().len(), 2);
     }
 
     #[test]
@@ -729,7 +791,7 @@ mod tests {
         assert_eq!(ids, ["a", "b"]);
         assert!(s.delete_chat(T, "a").unwrap());
         assert!(!s.delete_chat(T, "a").unwrap());
-        assert!(s.newest_messages(T, "a", 10).unwrap().is_empty());
+        assert!(s.history_window(T, "a", 10, usize::MAX).unwrap().is_empty());
         assert_eq!(s.find_reply(T, "a", "k").unwrap(), None);
         assert_eq!(s.list_chats(T, 10).unwrap().len(), 1);
     }
@@ -747,8 +809,8 @@ mod tests {
         let results = s.append_batch(&batch);
         assert!(results[0].is_ok() && results[2].is_ok());
         assert!(matches!(results[1], Err(StoreError::Sqlite(_))));
-        assert_eq!(s.newest_messages(T, "c", 10).unwrap().len(), 2);
-        assert_eq!(s.newest_messages(T, "e", 10).unwrap().len(), 2);
+        assert_eq!(s.history_window(T, "c", 10, usize::MAX).unwrap().len(), 2);
+        assert_eq!(s.history_window(T, "e", 10, usize::MAX).unwrap().len(), 2);
         assert_eq!(s.list_chats(T, 10).unwrap().len(), 3);
     }
 
@@ -801,7 +863,7 @@ mod tests {
         let mut s = Store::open_and_migrate(&path, Synchronous::Normal).unwrap();
         let next = s.append_exchange(&exchange("c", "new", "reply", None));
         assert_eq!(next.unwrap(), 6);
-        let newest = s.newest_messages(T, "c", 10).unwrap();
+        let newest = s.history_window(T, "c", 10, usize::MAX).unwrap();
         let ids: Vec<_> = newest.iter().map(|m| m.id).collect();
         assert_eq!(ids, [6, 5, 2, 1]);
         let other = s.append_exchange(&exchange("d", "first", "reply", None));
@@ -817,13 +879,13 @@ mod tests {
         b.tenant = "b".into();
         s.append_exchange(&a).unwrap();
         s.append_exchange(&b).unwrap();
-        assert_eq!(s.newest_messages("a", "c", 10).unwrap().len(), 2);
+        assert_eq!(s.history_window("a", "c", 10, usize::MAX).unwrap().len(), 2);
         assert_eq!(
             s.find_reply("b", "c", "k").unwrap().unwrap().content,
             "to b"
         );
         assert!(s.delete_chat("a", "c").unwrap());
-        assert_eq!(s.newest_messages("b", "c", 10).unwrap().len(), 2);
+        assert_eq!(s.history_window("b", "c", 10, usize::MAX).unwrap().len(), 2);
         assert!(s.list_chats("a", 10).unwrap().is_empty());
     }
 }

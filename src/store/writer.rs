@@ -162,7 +162,7 @@ mod tests {
         ids.dedup();
         assert_eq!(ids.len(), 200);
         let newest = reader
-            .newest_messages(DEFAULT_TENANT, "chat-3", 100)
+            .history_window(DEFAULT_TENANT, "chat-3", 100, usize::MAX)
             .unwrap();
         assert_eq!(newest.len(), 50);
         assert_eq!(newest[0].content, "a24");
