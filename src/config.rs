@@ -234,34 +234,12 @@ impl Config {
     /// Checks values that parse but make no sense; also run after command-line overrides.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
-        let s = &self.server;
         self.listen_addr()?;
-        if !(1..=MAX_WORKERS).contains(&s.max_concurrent_requests) {
-            return bad(
-                "server.max_concurrent_requests",
-                &format!("must be between 1 and {MAX_WORKERS}"),
-            );
-        }
-        if s.queue_capacity > MAX_QUEUE {
-            return bad(
-                "server.queue_capacity",
-                &format!("must be at most {MAX_QUEUE}"),
-            );
-        }
-        if s.max_body_bytes == 0 {
-            return bad("server.max_body_bytes", "must be at least 1");
-        }
-        if s.client_timeout_secs == 0 {
-            return bad("server.client_timeout_secs", "must be at least 1");
-        }
-        if s.max_connections == 0 {
-            return bad("server.max_connections", "must be at least 1");
+        for number in self.numbers() {
+            number.check()?;
         }
         if self.storage.path.as_os_str().is_empty() {
             return bad("storage.path", "must not be empty");
-        }
-        if self.history.max_messages > 10_000 {
-            return bad("history.max_messages", "must be at most 10000");
         }
         let l = &self.llm;
         if l.model.trim().is_empty() {
@@ -271,15 +249,6 @@ impl Config {
             && !(l.base_url.starts_with("http://") || l.base_url.starts_with("https://"))
         {
             return bad("llm.base_url", "must start with http:// or https://");
-        }
-        if l.connect_timeout_ms == 0 || l.request_timeout_ms == 0 {
-            return bad(
-                "llm",
-                "connect_timeout_ms and request_timeout_ms must be at least 1",
-            );
-        }
-        if l.max_retries > 10 {
-            return bad("llm.max_retries", "must be at most 10");
         }
         for (i, entry) in self.auth.tokens.iter().enumerate() {
             let hex =
@@ -305,6 +274,69 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Every number in the configuration, with its range.
+    fn numbers(&self) -> [Number; 15] {
+        let (s, l) = (&self.server, &self.llm);
+        let n = |key, value: u64, range| Number { key, value, range };
+        [
+            n(
+                "server.max_concurrent_requests",
+                s.max_concurrent_requests as u64,
+                1..=MAX_WORKERS as u64,
+            ),
+            n(
+                "server.queue_capacity",
+                s.queue_capacity as u64,
+                0..=MAX_QUEUE as u64,
+            ),
+            n(
+                "server.max_body_bytes",
+                s.max_body_bytes as u64,
+                1..=MAX_BODY_BYTES,
+            ),
+            n(
+                "server.shutdown_grace_secs",
+                s.shutdown_grace_secs,
+                0..=DAY_SECS,
+            ),
+            n(
+                "server.client_timeout_secs",
+                s.client_timeout_secs,
+                1..=DAY_SECS,
+            ),
+            n(
+                "server.max_connections",
+                s.max_connections as u64,
+                1..=MAX_CONNECTIONS,
+            ),
+            n(
+                "storage.checkpoint_interval_ms",
+                self.storage.checkpoint_interval_ms,
+                0..=HOUR_MS,
+            ),
+            n(
+                "history.max_messages",
+                self.history.max_messages as u64,
+                0..=10_000,
+            ),
+            n(
+                "history.max_chars",
+                self.history.max_chars as u64,
+                0..=10_000_000,
+            ),
+            n("llm.connect_timeout_ms", l.connect_timeout_ms, 1..=HOUR_MS),
+            n("llm.request_timeout_ms", l.request_timeout_ms, 1..=DAY_MS),
+            n("llm.max_retries", l.max_retries.into(), 0..=10),
+            n("llm.mock_latency_ms", l.mock_latency_ms, 0..=HOUR_MS),
+            n(
+                "llm.breaker_failures",
+                l.breaker_failures.into(),
+                0..=10_000,
+            ),
+            n("llm.breaker_cooldown_ms", l.breaker_cooldown_ms, 0..=DAY_MS),
+        ]
     }
 
     /// The listen address, resolved.
@@ -334,6 +366,38 @@ pub fn is_valid_tenant(name: &str) -> bool {
 pub const MAX_WORKERS: usize = 4096;
 /// Waiting requests hold a client connection and a thread in tiny_http each.
 pub const MAX_QUEUE: usize = 65536;
+/// A request body is held in memory whole, once per request in flight.
+const MAX_BODY_BYTES: u64 = 16 << 20;
+/// Each connection holds a thread and two descriptors.
+const MAX_CONNECTIONS: u64 = 262_144;
+
+// Durations are capped far below what would overflow when added to an `Instant` (a grace of
+// i64::MAX seconds made SIGTERM panic): no setting needs more than a day.
+const DAY_SECS: u64 = 86_400;
+const DAY_MS: u64 = DAY_SECS * 1000;
+const HOUR_MS: u64 = 3_600_000;
+
+/// One number from the file and the range it must fall in.
+struct Number {
+    key: &'static str,
+    value: u64,
+    range: std::ops::RangeInclusive<u64>,
+}
+
+impl Number {
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.range.contains(&self.value) {
+            return Ok(());
+        }
+        Err(ConfigError(format!(
+            "{}: must be between {} and {} (is {})",
+            self.key,
+            self.range.start(),
+            self.range.end(),
+            self.value
+        )))
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -398,5 +462,53 @@ mod tests {
         let entry = format!("{{ tenant = \"a\", sha256 = \"{}\" }}", "a".repeat(64));
         let err = Config::parse(&format!("[auth]\ntokens = [{entry}, {entry}]\n")).unwrap_err();
         assert!(err.0.contains("twice"), "{err}");
+    }
+
+    #[test]
+    fn every_number_has_a_range_and_is_refused_by_name_outside_it() {
+        let defaults = Config::default();
+        for number in defaults.numbers() {
+            assert!(number.check().is_ok(), "default {}", number.key);
+            let (section, key) = number.key.split_once('.').unwrap();
+            let mut outside = vec![number.range.end() + 1];
+            if *number.range.start() > 0 {
+                outside.push(number.range.start() - 1);
+            }
+            for value in outside {
+                let err = Config::parse(&format!("[{section}]\n{key} = {value}\n")).unwrap_err();
+                assert!(err.0.starts_with(number.key), "{err}");
+                assert!(err.0.contains(&value.to_string()), "{err}");
+            }
+            let end = number.range.end();
+            assert!(Config::parse(&format!("[{section}]\n{key} = {end}\n")).is_ok());
+            let documented = format!("# [{}-{end}]", number.range.start());
+            assert!(
+                include_str!("../config.toml")
+                    .lines()
+                    .any(|l| l.starts_with(&format!("{key} =")) && l.contains(&documented)),
+                "config.toml documents {} as {documented}",
+                number.key
+            );
+        }
+        // The shipped file lists every number, and each one has its range here.
+        let shipped: toml::Table = toml::from_str(include_str!("../config.toml")).unwrap();
+        let mut listed: Vec<String> = shipped
+            .iter()
+            .filter_map(|(section, keys)| Some((section, keys.as_table()?)))
+            .flat_map(|(section, keys)| {
+                keys.iter()
+                    .filter(|(_, value)| value.is_integer())
+                    .map(move |(key, _)| format!("{section}.{key}"))
+            })
+            .collect();
+        let mut ranged: Vec<String> = defaults.numbers().iter().map(|n| n.key.into()).collect();
+        listed.sort();
+        ranged.sort();
+        assert_eq!(listed, ranged);
+        let err =
+            Config::parse("[server]\nshutdown_grace_secs = 9223372036854775807\n").unwrap_err();
+        assert!(err.0.starts_with("server.shutdown_grace_secs"), "{err}");
+        let err = Config::parse("[llm]\nrequest_timeout_ms = 0\n").unwrap_err();
+        assert!(err.0.starts_with("llm.request_timeout_ms"), "{err}");
     }
 }

@@ -72,16 +72,32 @@ fn threads_are_one_acceptor_and_exactly_the_configured_workers() {
     );
 }
 
+/// Runs chatpool expecting it to refuse to start: its exit code and stderr, or -1 if it was
+/// still running (serving) after 20 s and had to be killed.
 fn start_failure(args: &[&str]) -> (i32, String) {
-    let out = Command::new(BIN)
+    let mut child = Command::new(BIN)
         .args(args)
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).trim().to_string(),
-    )
+    let mut stderr = child.stderr.take().unwrap();
+    let exited = eventually(Duration::from_secs(20), || {
+        child.try_wait().unwrap().is_some()
+    });
+    if !exited {
+        let _ = child.kill();
+    }
+    let status = child.wait().unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut text).unwrap();
+    let code = if exited {
+        status.code().unwrap_or(-1)
+    } else {
+        -1
+    };
+    (code, text.trim().to_string())
 }
 
 #[test]
@@ -97,6 +113,12 @@ fn bad_configs_and_a_busy_port_exit_2_with_one_line() {
             "server.max_concurrent_requests",
         ),
         ("[storage]\nsynchronous = \"sometimes\"\n", "sometimes"),
+        // Once made SIGTERM panic: Instant + grace overflowed.
+        (
+            "[server]\nshutdown_grace_secs = 9223372036854775807\n",
+            "server.shutdown_grace_secs",
+        ),
+        ("[llm]\nrequest_timeout_ms = 0\n", "llm.request_timeout_ms"),
         ("[server\n", "line 1"),
     ];
     for (text, needle) in cases {
