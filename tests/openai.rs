@@ -282,3 +282,238 @@ fn the_routing_key_is_the_path_id_on_path_routes_and_one_x_chat_id_elsewhere() {
     assert_eq!(stored_messages(&work.db(), "c1").len(), 2);
     assert!(stored_messages(&work.db(), "elsewhere").is_empty());
 }
+
+#[test]
+fn an_error_object_in_the_stream_is_an_error_on_the_front_door_and_stores_nothing() {
+    let after_two = format!(
+        "{}{}{SSE_ERROR}data: [DONE]\n\n",
+        sse_piece("Hel"),
+        sse_piece("lo")
+    );
+    let before_any = format!("{SSE_ERROR}data: [DONE]\n\n");
+    for (stream, pieces) in [(after_two, "Hello"), (before_any, "")] {
+        let upstream = upstream_streaming(stream, completion("unused"));
+        let work = Workdir::new();
+        let server = work.serve(&openai_llm(upstream.addr, ""));
+        for chat in [None, Some("c1")] {
+            let headers: Vec<_> = chat.map(|c| ("X-Chat-Id", c)).into_iter().collect();
+            let mut events = EventReader::post(server.addr, PATH, &body(true, "hi"), &headers);
+            if pieces.is_empty() {
+                assert_eq!(events.status, 502);
+                let error: Value = serde_json::from_str(&events.body()).unwrap();
+                assert_eq!(error["error"]["type"], "upstream_error");
+                continue;
+            }
+            assert_eq!(events.status, 200);
+            let mut text = String::new();
+            let mut error = None;
+            while let Some((name, data)) = events.next_event() {
+                assert_eq!(name, None);
+                assert_ne!(
+                    data, "[DONE]",
+                    "a failed stream must not end as a whole one"
+                );
+                let chunk: Value = serde_json::from_str(&data).unwrap();
+                if chunk.get("error").is_some() {
+                    error = Some(chunk);
+                    continue;
+                }
+                assert_ne!(chunk["choices"][0]["finish_reason"], "stop");
+                text.extend(chunk["choices"][0]["delta"]["content"].as_str());
+            }
+            assert_eq!(text, pieces);
+            // The OpenAI SDKs raise an APIError for a data event holding `error`.
+            let error = error.expect("an error event");
+            assert_eq!(error["error"]["type"], "upstream_error");
+        }
+        assert!(stored_messages(&work.db(), "c1").is_empty());
+    }
+}
+
+#[test]
+fn the_upstreams_finish_reason_is_relayed_in_json_and_in_chunks() {
+    let stream = format!("{}{}", sse_piece("cut sh"), sse_end("length"));
+    let plain = completion("cut sh").replace("\"stop\"", "\"length\"");
+    let upstream = upstream_streaming(stream, plain);
+    let work = Workdir::new();
+    let server = work.serve(&openai_llm(upstream.addr, ""));
+    let r = request(server.addr, "POST", PATH, Some(&body(false, "hi")), &[]);
+    assert_eq!(
+        r.json()["choices"][0]["finish_reason"],
+        "length",
+        "{}",
+        r.text()
+    );
+    let r = request(
+        server.addr,
+        "POST",
+        PATH,
+        Some(&body(false, "hi")),
+        &[("X-Chat-Id", "c")],
+    );
+    assert_eq!(
+        r.json()["choices"][0]["finish_reason"],
+        "length",
+        "{}",
+        r.text()
+    );
+    for chat in [None, Some("c")] {
+        let headers: Vec<_> = chat.map(|c| ("X-Chat-Id", c)).into_iter().collect();
+        let mut events = EventReader::post(server.addr, PATH, &body(true, "hi"), &headers);
+        let (chunks, done) = openai_chunks(&mut events);
+        assert!(done);
+        let reasons: Vec<_> = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["finish_reason"].as_str())
+            .collect();
+        assert_eq!(reasons, ["length"]);
+        // One stream, one id, one `created`, one model.
+        for field in ["id", "created", "model"] {
+            assert!(
+                chunks.iter().all(|c| c[field] == chunks[0][field]),
+                "{field} differs: {chunks:?}"
+            );
+        }
+    }
+}
+
+/// The request fields the front door does not interpret, each with a value that is not the
+/// default, and how each must reach the upstream.
+fn uninterpreted_fields() -> Vec<(&'static str, Value)> {
+    vec![
+        (
+            "response_format",
+            json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}),
+        ),
+        ("stop", json!(["\n\n", "END"])),
+        ("seed", json!(42)),
+        ("top_p", json!(0.25)),
+        ("presence_penalty", json!(0.5)),
+        ("frequency_penalty", json!(-0.5)),
+        ("user", json!("end-user-7")),
+        ("parallel_tool_calls", json!(false)),
+    ]
+}
+
+#[test]
+fn what_the_front_door_does_not_interpret_reaches_the_upstream_unchanged() {
+    let upstream = FakeUpstream::start(Box::new(|_, _| (200, completion("ok"))));
+    let work = Workdir::new();
+    let server = work.serve(&openai_llm(upstream.addr, ""));
+    let image =
+        json!({"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}});
+    let user = json!({"role": "user", "name": "ann",
+        "content": [{"type": "text", "text": "Describe"}, image, {"type": "text", "text": "this"}]});
+    let mut request_body = json!({"model": "m", "messages": [user.clone()]});
+    for (field, value) in uninterpreted_fields() {
+        request_body[field] = value;
+    }
+    let r = request(
+        server.addr,
+        "POST",
+        PATH,
+        Some(&request_body.to_string()),
+        &[],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = &upstream.seen()[0].body;
+    for (field, value) in uninterpreted_fields() {
+        assert_eq!(seen[field], value, "{field}");
+    }
+    assert_eq!(
+        seen["messages"],
+        json!([user]),
+        "name and image parts unchanged"
+    );
+
+    // With X-Chat-Id the fields go upstream too, and text parts are stored joined.
+    let text_only = json!({"role": "user", "name": "ann",
+        "content": [{"type": "text", "text": "Describe"}, {"type": "text", "text": "this"}]});
+    request_body["messages"] = json!([text_only]);
+    let r = request(
+        server.addr,
+        "POST",
+        PATH,
+        Some(&request_body.to_string()),
+        &[("X-Chat-Id", "c")],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = &upstream.seen()[1].body;
+    for (field, value) in uninterpreted_fields() {
+        assert_eq!(seen[field], value, "{field}");
+    }
+    assert_eq!(
+        seen["messages"].as_array().unwrap().last().unwrap(),
+        &text_only
+    );
+    assert_eq!(stored_messages(&work.db(), "c")[0].2, "Describe\nthis");
+}
+
+#[test]
+fn what_the_front_door_cannot_relay_is_refused_naming_the_field() {
+    let upstream = FakeUpstream::start(Box::new(|_, _| (200, completion("ok"))));
+    let work = Workdir::new();
+    let server = work.serve(&openai_llm(upstream.addr, ""));
+    let refused = [
+        (
+            "tools",
+            json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+        ),
+        ("tool_choice", json!("required")),
+        ("n", json!(2)),
+        ("logprobs", json!(true)),
+        ("top_logprobs", json!(3)),
+        ("modalities", json!(["text", "audio"])),
+    ];
+    for (field, value) in refused {
+        let mut b = json!({"messages": [{"role": "user", "content": "x"}]});
+        b[field] = value;
+        let r = request(server.addr, "POST", PATH, Some(&b.to_string()), &[]);
+        assert_eq!(
+            (r.status, r.error_type().as_str()),
+            (400, "invalid_request"),
+            "{field}"
+        );
+        let message = r.json()["error"]["message"].as_str().unwrap().to_string();
+        assert!(
+            message.contains(&format!("`{field}`")),
+            "{field}: {message}"
+        );
+    }
+    // An image cannot be stored in a chat; an empty new turn is refused as the native API does.
+    let image = json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "see"},
+        {"type": "image_url", "image_url": {"url": "data:x"}}]}]});
+    let empty = json!({"messages": [{"role": "user", "content": ""}]});
+    for (b, needle) in [
+        (image, "messages[0].content[1]"),
+        (empty, "must not be empty"),
+    ] {
+        let r = request(
+            server.addr,
+            "POST",
+            PATH,
+            Some(&b.to_string()),
+            &[("X-Chat-Id", "c")],
+        );
+        assert_eq!(
+            (r.status, r.error_type().as_str()),
+            (400, "invalid_request")
+        );
+        assert!(r.text().contains(needle), "{}", r.text());
+    }
+    // A stateless relay stores nothing to replay, so a key there is refused, not ignored.
+    let r = request(
+        server.addr,
+        "POST",
+        PATH,
+        Some(&body(false, "x")),
+        &[("Idempotency-Key", "k")],
+    );
+    assert_eq!(
+        (r.status, r.error_type().as_str()),
+        (400, "invalid_request")
+    );
+    assert!(r.text().contains("Idempotency-Key"), "{}", r.text());
+    assert!(upstream.seen().is_empty());
+    assert!(stored_messages(&work.db(), "c").is_empty());
+}

@@ -6,21 +6,6 @@ use std::time::{Duration, Instant};
 
 const STREAM_BODY: &str = r#"{"content": "tell me more", "stream": true}"#;
 
-fn deltas_and_end(events: &mut EventReader) -> (String, Option<String>, Value) {
-    let mut text = String::new();
-    while let Some((name, data)) = events.next_event() {
-        match name {
-            None => text.push_str(
-                serde_json::from_str::<Value>(&data).unwrap()["delta"]
-                    .as_str()
-                    .unwrap(),
-            ),
-            Some(name) => return (text, Some(name), serde_json::from_str(&data).unwrap()),
-        }
-    }
-    (text, None, Value::Null)
-}
-
 #[test]
 fn the_deltas_add_up_to_the_done_reply_and_the_stored_reply() {
     let mock = mock_llm(&["--reply-words", "6"]);
@@ -35,7 +20,7 @@ fn the_deltas_add_up_to_the_done_reply_and_the_stored_reply() {
     assert_eq!(events.status, 200);
     assert_eq!(events.header("Content-Type"), Some("text/event-stream"));
     assert_eq!(events.header("X-Request-Id"), Some("s-1"));
-    let (text, end, done) = deltas_and_end(&mut events);
+    let (text, end, done) = native_deltas(&mut events);
     assert_eq!(end.as_deref(), Some("done"));
     assert_eq!(
         text,
@@ -53,7 +38,7 @@ fn the_deltas_add_up_to_the_done_reply_and_the_stored_reply() {
     // The built-in mock provider streams too.
     let server = work.serve("");
     let mut events = EventReader::post(server.addr, "/v1/chats/m/messages", STREAM_BODY, &[]);
-    let (text, end, done) = deltas_and_end(&mut events);
+    let (text, end, done) = native_deltas(&mut events);
     assert_eq!(
         (text.as_str(), end.as_deref()),
         ("You said: tell me more", Some("done"))
@@ -76,7 +61,7 @@ fn the_first_delta_arrives_before_the_upstream_sends_the_second() {
         first < Duration::from_millis(900),
         "first delta after {first:?}"
     );
-    let (_, end, _) = deltas_and_end(&mut events);
+    let (_, end, _) = native_deltas(&mut events);
     assert_eq!(end.as_deref(), Some("done"));
     assert!(
         started.elapsed() >= Duration::from_millis(2000),
@@ -99,7 +84,7 @@ fn an_upstream_failure_mid_stream_is_an_error_event_and_stores_nothing() {
     let server = work.serve(&openai_llm(mock.addr, "max_retries = 2\n"));
     let mut events = EventReader::post(server.addr, "/v1/chats/s/messages", STREAM_BODY, &[]);
     assert_eq!(events.status, 200);
-    let (text, end, error) = deltas_and_end(&mut events);
+    let (text, end, error) = native_deltas(&mut events);
     assert!(!text.is_empty());
     assert_eq!(end.as_deref(), Some("error"));
     assert_eq!(error["error"]["type"], "upstream_error");
@@ -163,10 +148,135 @@ fn an_idempotent_replay_streams_the_stored_reply() {
     let server = work.serve("");
     let key = [("Idempotency-Key", "stream-key")];
     let mut first = EventReader::post(server.addr, "/v1/chats/s/messages", STREAM_BODY, &key);
-    let (_, _, done) = deltas_and_end(&mut first);
+    let (_, _, done) = native_deltas(&mut first);
     let mut again = EventReader::post(server.addr, "/v1/chats/s/messages", STREAM_BODY, &key);
-    let (text, end, replay) = deltas_and_end(&mut again);
-    assert_eq!((text.as_str(), end.as_deref()), ("", Some("done")));
+    let (text, end, replay) = native_deltas(&mut again);
+    assert_eq!(end.as_deref(), Some("done"));
     assert_eq!(replay["message_id"], done["message_id"]);
+    let stored = stored_messages(&work.db(), "s");
+    assert_eq!(stored.len(), 2);
+    // A client that builds the reply from the pieces gets the stored reply.
+    assert_eq!(text, stored[1].2);
+    assert_eq!(text, "You said: tell me more");
+}
+
+#[test]
+fn an_error_object_after_two_pieces_is_an_error_event_and_stores_nothing() {
+    let stream = format!(
+        "{}{}{SSE_ERROR}data: [DONE]\n\n",
+        sse_piece("Hel"),
+        sse_piece("lo")
+    );
+    let upstream = upstream_streaming(stream, completion("unused"));
+    let work = Workdir::new();
+    let server = work.serve(&openai_llm(upstream.addr, ""));
+    let mut events = EventReader::post(server.addr, "/v1/chats/s/messages", STREAM_BODY, &[]);
+    assert_eq!(events.status, 200);
+    let (text, end, error) = native_deltas(&mut events);
+    assert_eq!(text, "Hello");
+    assert_eq!(end.as_deref(), Some("error"), "{error}");
+    assert_eq!(error["error"]["type"], "upstream_error");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("generation failed"),
+        "{error}"
+    );
+    assert!(stored_messages(&work.db(), "s").is_empty());
+}
+
+#[test]
+fn an_error_object_before_any_piece_is_an_error_and_stores_nothing() {
+    let stream = format!("{SSE_ERROR}data: [DONE]\n\n");
+    let upstream = upstream_streaming(
+        stream,
+        r#"{"error": {"message": "generation failed"}}"#.into(),
+    );
+    let work = Workdir::new();
+    let server = work.serve(&openai_llm(upstream.addr, ""));
+    let events = EventReader::post(server.addr, "/v1/chats/s/messages", STREAM_BODY, &[]);
+    assert_eq!(events.status, 502);
+    let body: Value = serde_json::from_str(&events.body()).unwrap();
+    assert_eq!(body["error"]["type"], "upstream_error");
+    // The same answer to a call that is not streamed: an error, not an empty reply.
+    let r = send(server.addr, "s", "hello");
+    assert_eq!((r.status, r.error_type().as_str()), (502, "upstream_error"));
+    assert!(stored_messages(&work.db(), "s").is_empty());
+}
+
+#[test]
+fn a_stream_of_only_tool_calls_or_without_a_finish_reason_stores_nothing() {
+    let tools = "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"id\":\"c1\",\"function\":{\"name\":\"f\",\"arguments\":\"{}\"}}]}}]}\n\n";
+    for (stream, needle) in [
+        (format!("{tools}{}", sse_end("tool_calls")), "tool calls"),
+        (
+            format!("{}data: [DONE]\n\n", sse_piece("cut")),
+            "before the reply was complete",
+        ),
+    ] {
+        let upstream = upstream_streaming(stream, completion("unused"));
+        let work = Workdir::new();
+        let server = work.serve(&openai_llm(upstream.addr, "max_retries = 0\n"));
+        let mut events = EventReader::post(server.addr, "/v1/chats/s/messages", STREAM_BODY, &[]);
+        let (status, error) = if events.status == 200 {
+            let (_, end, error) = native_deltas(&mut events);
+            assert_eq!(end.as_deref(), Some("error"));
+            (502, error)
+        } else {
+            (events.status, serde_json::from_str(&events.body()).unwrap())
+        };
+        assert_eq!(status, 502);
+        assert!(
+            error["error"]["message"].as_str().unwrap().contains(needle),
+            "{error}"
+        );
+        assert!(stored_messages(&work.db(), "s").is_empty());
+    }
+}
+
+#[test]
+fn a_reply_of_45000_pieces_is_streamed_and_stored_whole() {
+    let mut stream = String::new();
+    for i in 0..45_000 {
+        stream.push_str(&sse_piece(&format!("{:04} ", i % 10_000)));
+    }
+    stream.push_str(&sse_end("stop"));
+    // Far more framing than text: the cap is on the text.
+    assert!(stream.len() > 8 << 20, "{} bytes", stream.len());
+    let upstream = upstream_streaming(stream, completion("unused"));
+    let work = Workdir::new();
+    let server = work.serve(&openai_llm(upstream.addr, ""));
+    let mut events = EventReader::post(server.addr, "/v1/chats/big/messages", STREAM_BODY, &[]);
+    let (text, end, done) = native_deltas(&mut events);
+    assert_eq!(end.as_deref(), Some("done"), "{done}");
+    assert_eq!(text.len(), 225_000);
+    assert_eq!(done["reply"], text);
+    let stored = stored_messages(&work.db(), "big");
+    assert_eq!(stored[1].2, text);
+}
+
+#[test]
+fn a_stream_that_stays_open_after_its_finish_reason_and_usage_is_finished() {
+    let stream = format!("{}{}", sse_piece("all "), sse_piece("done"));
+    let finish = sse_end("stop");
+    // Everything but [DONE]; then the connection stays open.
+    let held = format!("{stream}{}", finish.rsplit_once("data: [DONE]").unwrap().0);
+    let upstream = HeldOpenUpstream::start(held);
+    let work = Workdir::new();
+    let server = work.serve(&openai_llm(upstream.addr, "request_timeout_ms = 20000\n"));
+    let started = Instant::now();
+    let mut events = EventReader::post(server.addr, "/v1/chats/s/messages", STREAM_BODY, &[]);
+    let (text, end, done) = native_deltas(&mut events);
+    assert_eq!(
+        (text.as_str(), end.as_deref()),
+        ("all done", Some("done")),
+        "{done}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(stored_messages(&work.db(), "s").len(), 2);
 }

@@ -103,6 +103,7 @@ impl Handler {
         let mut call = Call {
             request: Some(request),
             request_id,
+            created: openai::now_secs(),
             ticket: Some(ticket),
             timings: Timings {
                 received,
@@ -266,6 +267,13 @@ impl Handler {
             include_usage: parsed.include_usage,
         };
         let Some(chat_id) = chat_id else {
+            if key.is_some() {
+                return Err(ApiError::InvalidRequest(
+                    "Idempotency-Key needs X-Chat-Id: a stateless relay stores no reply to \
+                     replay"
+                        .into(),
+                ));
+            }
             // A stateless relay: the conversation goes upstream as the client wrote it.
             let turn = Turn {
                 chat_id: None,
@@ -278,14 +286,7 @@ impl Handler {
             };
             return self.take_turn(call, tenant, turn);
         };
-        let user = parsed
-            .last_user_message()
-            .map(str::to_string)
-            .ok_or_else(|| {
-                ApiError::InvalidRequest(
-                    "with X-Chat-Id, messages must hold a user message: the new turn".into(),
-                )
-            })?;
+        let user = parsed.new_turn()?.to_string();
         let turn = Turn {
             chat_id: Some(chat_id.to_string()),
             key,
@@ -297,20 +298,7 @@ impl Handler {
         };
         let system_prompt = self.config.history.system_prompt.clone();
         self.with_history(call, tenant, turn, |window| {
-            // The client's own system messages lead; the stored history follows them, and the
-            // client's new turn comes last.
-            let lead = parsed
-                .messages
-                .iter()
-                .take_while(|m| m.role == "system")
-                .count();
-            let mut messages = parsed.messages[..lead].to_vec();
-            if lead == 0 && !system_prompt.is_empty() {
-                messages.push(ChatMessage::new("system", &system_prompt));
-            }
-            messages.extend(window.iter().map(|m| ChatMessage::new(&m.role, &m.content)));
-            messages.extend_from_slice(&parsed.messages[lead..]);
-            messages
+            prompt::around_client(&system_prompt, window, parsed.messages)
         })
     }
 
@@ -340,6 +328,8 @@ impl Handler {
                         chat_id,
                         reply: stored,
                         replayed: true,
+                        // Not stored with the reply; a stored reply was complete.
+                        finish_reason: "stop".into(),
                     };
                     return self.answer(call, &turn, Ok(answer), None);
                 }
@@ -370,21 +360,23 @@ impl Handler {
         let mut stream: Option<EventStream> = None;
         let completion = if turn.stream {
             let (request, request_id) = (&mut call.request, call.request_id.as_str());
-            let (model, format) = (self.llm.model(), turn.format);
-            let id = completion_id(request_id);
+            let format = turn.format;
+            let chunks =
+                openai::Chunks::new(&completion_id(request_id), call.created, self.llm.model());
             let mut first = true;
             let mut sink = |piece: &str| {
                 let data = match format {
                     Format::Native => json!({ "delta": piece }),
-                    Format::OpenAi { .. } => openai::delta_chunk(&id, model, piece, first),
+                    Format::OpenAi { .. } => chunks.delta(piece, first),
                 };
                 first = false;
                 send_event(&mut stream, request, request_id, &data.to_string())
             };
             self.llm
-                .complete(&turn.messages, turn.sampling, Some(&mut sink))
+                .complete(&turn.messages, turn.sampling.clone(), Some(&mut sink))
         } else {
-            self.llm.complete(&turn.messages, turn.sampling, None)
+            self.llm
+                .complete(&turn.messages, turn.sampling.clone(), None)
         };
         call.timings.llm = Some(started.elapsed());
         log::debug!(
@@ -440,6 +432,7 @@ impl Handler {
                     usage,
                 },
                 replayed: false,
+                finish_reason: completion.finish_reason,
             });
         self.answer(call, &turn, answer, stream)
     }
@@ -461,7 +454,7 @@ impl Handler {
             }
             (answer, _) => {
                 let (content, model, usage) = answer.parts();
-                openai::completion(&id, model, content, usage)
+                openai::completion(&id, model, content, usage, answer.finish_reason())
             }
         };
         if !turn.stream {
@@ -492,17 +485,26 @@ impl Handler {
                 let name = (format == Format::Native).then_some("error");
                 stream.send(name, &error.body(&call.request_id).to_string())
             }
-            (Ok(answer), Format::Native) => stream.send(Some("done"), &body(answer).to_string()),
+            // A replay sends its stored reply whole, as one piece, so a client that builds the
+            // text from the pieces has it.
+            (Ok(answer), Format::Native) => {
+                let replay = answer
+                    .is_replay()
+                    .then(|| json!({ "delta": answer.parts().0 }));
+                replay
+                    .map_or(Ok(()), |piece| stream.send(None, &piece.to_string()))
+                    .and_then(|()| stream.send(Some("done"), &body(answer).to_string()))
+            }
             (Ok(answer), Format::OpenAi { include_usage }) => {
-                let (content, model, usage) = answer.parts();
+                let (content, _, usage) = answer.parts();
+                let chunks = openai::Chunks::new(&id, call.created, self.llm.model());
                 let mut events = Vec::new();
-                // A replay sends its stored reply whole, as one piece.
-                if matches!(answer, Answer::Stored { replayed: true, .. }) {
-                    events.push(openai::delta_chunk(&id, model, content, true));
+                if answer.is_replay() {
+                    events.push(chunks.delta(content, true));
                 }
-                events.push(openai::finish_chunk(&id, model));
+                events.push(chunks.finish(answer.finish_reason()));
                 if include_usage {
-                    events.push(openai::usage_chunk(&id, model, usage));
+                    events.push(chunks.usage(usage));
                 }
                 events
                     .iter()
@@ -581,6 +583,8 @@ enum Answer {
         chat_id: String,
         reply: StoredReply,
         replayed: bool,
+        /// Why the reply ended, as the LLM said (a replay's was complete: `stop`).
+        finish_reason: String,
     },
     /// A relayed completion, stored nowhere.
     Relayed(Completion),
@@ -597,6 +601,17 @@ impl Answer {
             Answer::Relayed(c) => (&c.content, &c.model, c.usage),
         }
     }
+
+    fn finish_reason(&self) -> &str {
+        match self {
+            Answer::Stored { finish_reason, .. } => finish_reason,
+            Answer::Relayed(c) => &c.finish_reason,
+        }
+    }
+
+    fn is_replay(&self) -> bool {
+        matches!(self, Answer::Stored { replayed: true, .. })
+    }
 }
 
 /// A job's request while a worker serves it.
@@ -604,6 +619,8 @@ struct Call {
     /// `None` once answered, or once an event stream has taken the connection.
     request: Option<tiny_http::Request>,
     request_id: String,
+    /// When the request started, for OpenAI's `created`: one value for every chunk.
+    created: u64,
     /// Released as soon as the answer is settled.
     ticket: Option<Ticket>,
     timings: Timings,

@@ -51,24 +51,8 @@ pub fn parse_send_message(body: &[u8]) -> Result<SendMessage, ApiError> {
                 Value::Null => {}
                 _ => return Err(invalid("stream must be true or false")),
             },
-            "temperature" => match value {
-                Value::Null => {}
-                v => match v.as_f64().filter(|t| (0.0..=2.0).contains(t)) {
-                    Some(t) => message.sampling.temperature = Some(t),
-                    None => return Err(invalid("temperature must be a number from 0 to 2")),
-                },
-            },
-            "max_tokens" => match value {
-                Value::Null => {}
-                v => match v.as_u64().filter(|n| (1..=1_000_000).contains(n)) {
-                    Some(n) => message.sampling.max_tokens = Some(n),
-                    None => {
-                        return Err(invalid(
-                            "max_tokens must be a whole number from 1 to 1000000",
-                        ))
-                    }
-                },
-            },
+            "temperature" => message.sampling.temperature = temperature(value)?,
+            "max_tokens" => message.sampling.max_tokens = max_tokens(value)?,
             other => {
                 return Err(invalid(&format!(
                     "unknown field `{other}`; expected content, stream, temperature or max_tokens"
@@ -78,6 +62,30 @@ pub fn parse_send_message(body: &[u8]) -> Result<SendMessage, ApiError> {
     }
     message.content = content.ok_or_else(|| invalid("missing field `content`"))?;
     Ok(message)
+}
+
+/// A `temperature`, the same on both doors: absent (null) or 0 to 2.
+pub fn temperature(value: &Value) -> Result<Option<f64>, ApiError> {
+    match value {
+        Value::Null => Ok(None),
+        v => v
+            .as_f64()
+            .filter(|t| (0.0..=2.0).contains(t))
+            .map(Some)
+            .ok_or_else(|| invalid("temperature must be a number from 0 to 2")),
+    }
+}
+
+/// A `max_tokens`, the same on both doors: absent (null) or a whole number from 1 to 1000000.
+pub fn max_tokens(value: &Value) -> Result<Option<u64>, ApiError> {
+    match value {
+        Value::Null => Ok(None),
+        v => v
+            .as_u64()
+            .filter(|n| (1..=1_000_000).contains(n))
+            .map(Some)
+            .ok_or_else(|| invalid("max_tokens must be a whole number from 1 to 1000000")),
+    }
 }
 
 /// The body as a JSON object, or the `invalid_json`/`invalid_request` error that says why not.
@@ -140,7 +148,8 @@ mod tests {
             m.sampling,
             Sampling {
                 temperature: Some(0.5),
-                max_tokens: Some(9)
+                max_tokens: Some(9),
+                passthrough: Default::default(),
             }
         );
         assert!(!m.stream);

@@ -24,6 +24,7 @@ pub fn reply(messages: &[ChatMessage], model: &str, extra_words: usize) -> Compl
         content,
         model: model.to_string(),
         usage: Some(Usage::new(prompt_tokens, completion_tokens)),
+        finish_reason: "stop".into(),
     }
 }
 

@@ -16,10 +16,7 @@ use std::fmt;
 use std::io::Read;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-use wire::{ChatMessage, Completion, CompletionRequest, Sampling, StreamLine, StreamOptions};
-
-/// Upstream bodies larger than this are not an answer anyone can use.
-const MAX_RESPONSE_BYTES: u64 = 8 << 20;
+use wire::{ChatMessage, Completion, CompletionRequest, Sampling, StreamFailure, StreamOptions};
 /// First backoff ceiling; doubles per retry up to [`MAX_BACKOFF`], with full jitter.
 const BASE_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -134,6 +131,14 @@ enum AttemptError {
 }
 
 impl AttemptError {
+    /// An answer that is not a reply: worth another try only when a stream was cut short.
+    fn unusable(e: wire::Unusable) -> AttemptError {
+        match e {
+            wire::Unusable::Truncated => AttemptError::Transport(e.to_string()),
+            e => AttemptError::Malformed(e.to_string()),
+        }
+    }
+
     fn retryable(&self) -> bool {
         match self {
             AttemptError::Status { status, .. } => matches!(status, 429 | 500 | 502 | 503 | 504),
@@ -294,6 +299,7 @@ impl LlmClient {
             stream_options: sink.is_some().then_some(StreamOptions {
                 include_usage: true,
             }),
+            passthrough: &sampling.passthrough,
         })
         .map_err(|e| UpstreamError::Malformed {
             detail: format!("cannot encode the request: {e}"),
@@ -372,20 +378,24 @@ impl LlmClient {
         };
         match request.send_bytes(body) {
             Ok(response) => {
-                let body = response.into_reader().take(MAX_RESPONSE_BYTES);
+                let body = response.into_reader();
                 if let Some(sink) = reply.sink {
                     return self
                         .read_stream(body, sink, reply.forwarded)
                         .map_err(|e| match e {
-                            StreamError::Io(e) => read_error(e),
-                            StreamError::Attempt(e) => e,
+                            StreamFailure::Io(e) => read_error(e),
+                            StreamFailure::Cancelled => AttemptError::Cancelled,
+                            StreamFailure::Unusable(e) => AttemptError::unusable(e),
                         });
                 }
                 let mut bytes = Vec::new();
-                body.take(MAX_RESPONSE_BYTES)
+                body.take(wire::MAX_BODY_BYTES)
                     .read_to_end(&mut bytes)
                     .map_err(read_error)?;
-                wire::parse_completion(&bytes, &self.model).map_err(AttemptError::Malformed)
+                if bytes.len() as u64 == wire::MAX_BODY_BYTES {
+                    return Err(AttemptError::unusable(wire::Unusable::TooLong));
+                }
+                wire::parse_completion(&bytes, &self.model).map_err(AttemptError::unusable)
             }
             Err(ureq::Error::Status(status, response)) => {
                 let retry_after = response
@@ -418,62 +428,20 @@ struct Reply<'s, 'f> {
     forwarded: &'s mut bool,
 }
 
-enum StreamError {
-    Io(std::io::Error),
-    Attempt(AttemptError),
-}
-
 impl LlmClient {
-    /// Reads an event stream line by line, handing each piece to the sink as it arrives.
+    /// Reads an event stream, handing each piece to the sink as it arrives.
     fn read_stream(
         &self,
         body: impl Read,
         sink: &mut Sink<'_>,
         forwarded: &mut bool,
-    ) -> Result<Completion, StreamError> {
-        let mut lines = std::io::BufReader::new(body);
-        let mut line = String::new();
-        let mut completion = Completion {
-            content: String::new(),
-            model: self.model.to_string(),
-            usage: None,
+    ) -> Result<Completion, StreamFailure> {
+        let mut forward = |piece: &str| {
+            let open = sink(piece);
+            *forwarded |= open;
+            open
         };
-        let mut finished = false;
-        loop {
-            line.clear();
-            if std::io::BufRead::read_line(&mut lines, &mut line).map_err(StreamError::Io)? == 0 {
-                // Some servers end the stream without [DONE]; a finished reply is still whole.
-                return if finished {
-                    Ok(completion)
-                } else {
-                    Err(StreamError::Attempt(AttemptError::Transport(
-                        "the LLM's stream ended before the reply was complete".into(),
-                    )))
-                };
-            }
-            match wire::parse_stream_line(&line)
-                .map_err(|e| StreamError::Attempt(AttemptError::Malformed(e)))?
-            {
-                StreamLine::Done => return Ok(completion),
-                StreamLine::Other => {}
-                StreamLine::Chunk(chunk) => {
-                    if let Some(model) = chunk.model {
-                        completion.model = model;
-                    }
-                    if chunk.usage.is_some() {
-                        completion.usage = chunk.usage;
-                    }
-                    finished |= chunk.finished;
-                    if let Some(delta) = chunk.delta {
-                        if !sink(&delta) {
-                            return Err(StreamError::Attempt(AttemptError::Cancelled));
-                        }
-                        *forwarded = true;
-                        completion.content.push_str(&delta);
-                    }
-                }
-            }
-        }
+        wire::read_stream(std::io::BufReader::new(body), &self.model, &mut forward)
     }
 }
 

@@ -38,6 +38,30 @@ pub fn assemble(system_prompt: &str, history: &[Message], user: &str) -> Vec<Cha
     messages
 }
 
+/// The messages sent upstream for a history-backed OpenAI request: the client's own leading
+/// system messages (or the configured system prompt when it sent none), the history window,
+/// then the rest of the client's messages, whose last user message is the new turn.
+pub fn around_client(
+    system_prompt: &str,
+    history: &[Message],
+    client: Vec<ChatMessage>,
+) -> Vec<ChatMessage> {
+    let lead = client.iter().take_while(|m| m.role == "system").count();
+    let mut messages = Vec::with_capacity(client.len() + history.len() + 1);
+    let mut client = client.into_iter();
+    messages.extend(client.by_ref().take(lead));
+    if lead == 0 && !system_prompt.is_empty() {
+        messages.push(ChatMessage::new("system", system_prompt));
+    }
+    messages.extend(
+        history
+            .iter()
+            .map(|m| ChatMessage::new(&m.role, &m.content)),
+    );
+    messages.extend(client);
+    messages
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,5 +120,31 @@ mod tests {
             ]
         );
         assert_eq!(assemble("", &[], "x"), [ChatMessage::new("user", "x")]);
+    }
+
+    #[test]
+    fn around_client_puts_history_after_the_clients_system_messages() {
+        let history = [msg(1, "hi"), msg(2, "hello")];
+        let roles = |ms: Vec<ChatMessage>| -> Vec<String> {
+            ms.into_iter()
+                .map(|m| format!("{}:{}", m.role, m.content))
+                .collect()
+        };
+        let client = vec![
+            ChatMessage::new("system", "terse"),
+            ChatMessage::new("user", "next"),
+        ];
+        assert_eq!(
+            roles(around_client("SYS", &history, client)),
+            ["system:terse", "user:hi", "assistant:hello", "user:next"]
+        );
+        assert_eq!(
+            roles(around_client(
+                "SYS",
+                &history,
+                vec![ChatMessage::new("user", "n")]
+            )),
+            ["system:SYS", "user:hi", "assistant:hello", "user:n"]
+        );
     }
 }

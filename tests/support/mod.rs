@@ -543,3 +543,112 @@ impl EventReader {
         }
     }
 }
+
+/// One `chat.completion.chunk` event carrying `text`, with every field OpenAI's have.
+pub fn sse_piece(text: &str) -> String {
+    let chunk = serde_json::json!({"id": "chatcmpl-AXk1pQ9mZr3vT7yLb2nC4dE6fG8hJ", "object": "chat.completion.chunk",
+        "created": 1_764_460_800, "model": "upstream-model", "system_fingerprint": "fp_0ba0d124f1",
+        "choices": [{"index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": null}]});
+    format!("data: {chunk}\n\n")
+}
+
+/// The chunk that ends a streamed reply with `reason`, then usage and `[DONE]`.
+pub fn sse_end(reason: &str) -> String {
+    let finish = serde_json::json!({"id": "x", "object": "chat.completion.chunk", "model": "upstream-model",
+        "choices": [{"index": 0, "delta": {}, "finish_reason": reason}]});
+    let usage = serde_json::json!({"id": "x", "object": "chat.completion.chunk", "model": "upstream-model",
+        "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}});
+    format!("data: {finish}\n\ndata: {usage}\n\ndata: [DONE]\n\n")
+}
+
+/// The error object vLLM streams when generation fails part-way.
+pub const SSE_ERROR: &str =
+    "data: {\"error\": {\"object\": \"error\", \"message\": \"generation failed\", \"code\": 500}}\n\n";
+
+/// A fake upstream answering a streamed call with `stream` and a plain one with `plain`.
+pub fn upstream_streaming(stream: String, plain: String) -> FakeUpstream {
+    FakeUpstream::start(Box::new(move |_, seen| {
+        if seen.body["stream"] == true {
+            (200, stream.clone())
+        } else {
+            (200, plain.clone())
+        }
+    }))
+}
+
+/// The text of a native stream's `data: {"delta"}` events, and its closing event.
+pub fn native_deltas(events: &mut EventReader) -> (String, Option<String>, serde_json::Value) {
+    let mut text = String::new();
+    while let Some((name, data)) = events.next_event() {
+        let data: serde_json::Value = serde_json::from_str(&data).unwrap();
+        match name {
+            None => text.push_str(data["delta"].as_str().unwrap()),
+            Some(name) => return (text, Some(name), data),
+        }
+    }
+    (text, None, serde_json::Value::Null)
+}
+
+/// The chunks of a front-door stream up to `[DONE]`, and whether `[DONE]` came.
+pub fn openai_chunks(events: &mut EventReader) -> (Vec<serde_json::Value>, bool) {
+    let mut chunks = Vec::new();
+    while let Some((name, data)) = events.next_event() {
+        assert_eq!(name, None, "{data}");
+        if data == "[DONE]" {
+            return (chunks, true);
+        }
+        chunks.push(serde_json::from_str(&data).unwrap());
+    }
+    (chunks, false)
+}
+
+/// An upstream that answers the first request with a `text/event-stream` head and `body`, then
+/// keeps the connection open until it is dropped, as a server that never ends its stream.
+pub struct HeldOpenUpstream {
+    pub addr: SocketAddr,
+    release: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl HeldOpenUpstream {
+    pub fn start(body: String) -> HeldOpenUpstream {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let thread = thread::spawn(move || {
+            let Ok((stream, _)) = listener.accept() else {
+                return;
+            };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut length = 0;
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap_or(0) > 2 {
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+                line.clear();
+            }
+            let mut request = vec![0; length];
+            let _ = reader.read_exact(&mut request);
+            let mut out = stream;
+            let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n";
+            let _ = out.write_all(format!("{head}{body}").as_bytes());
+            let _ = out.flush();
+            let _ = held.recv();
+        });
+        HeldOpenUpstream {
+            addr,
+            release: Some(release),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for HeldOpenUpstream {
+    fn drop(&mut self) {
+        self.release.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
