@@ -352,6 +352,66 @@ fn a_second_message_to_a_busy_chat_is_409() {
 }
 
 #[test]
+fn deleting_a_chat_with_a_reply_in_flight_is_409_and_the_chat_stands_whole() {
+    let work = Workdir::new();
+    let server = work.serve("[llm]\nmock_latency_ms = 1500\n");
+    let addr = server.addr;
+    assert_eq!(send(addr, "c", "before").status, 200);
+    let in_flight = [
+        (
+            "/v1/chats/c/messages",
+            r#"{"content":"in flight"}"#.to_string(),
+            None,
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "front door"}]}).to_string(),
+            Some("c"),
+        ),
+    ];
+    for (path, body, chat_header) in in_flight {
+        let slow = std::thread::spawn(move || {
+            let header: Vec<(&str, &str)> =
+                chat_header.map(|c| ("X-Chat-Id", c)).into_iter().collect();
+            request(addr, "POST", path, Some(&body), &header)
+        });
+        assert!(eventually(Duration::from_secs(10), || get(addr, "/status")
+            .json()["workers_busy"]
+            == 1));
+        let r = request(addr, "DELETE", "/v1/chats/c", None, &[]);
+        assert_eq!(
+            (r.status, r.error_type().as_str()),
+            (409, "chat_busy"),
+            "{path}"
+        );
+        assert!(r.header("Retry-After").is_some());
+        assert_eq!(slow.join().unwrap().status, 200, "{path}");
+    }
+    // The refused delete left the chat as it was plus both replies; a delete now wins.
+    let contents: Vec<_> = stored_messages(&work.db(), "c")
+        .into_iter()
+        .map(|m| m.2)
+        .collect();
+    assert_eq!(
+        contents,
+        [
+            "before",
+            "You said: before",
+            "in flight",
+            "You said: in flight",
+            "front door",
+            "You said: front door"
+        ]
+    );
+    assert_eq!(
+        request(addr, "DELETE", "/v1/chats/c", None, &[]).status,
+        204
+    );
+    assert!(stored_messages(&work.db(), "c").is_empty());
+    assert_eq!(get(addr, "/v1/chats/c/messages").status, 404);
+}
+
+#[test]
 fn an_idempotent_replay_returns_the_stored_reply_without_calling_the_llm() {
     let upstream = FakeUpstream::start(Box::new(|n, _| (200, completion(&format!("reply {n}")))));
     let work = Workdir::new();

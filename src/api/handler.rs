@@ -215,7 +215,7 @@ impl Handler {
                 json_response(200, &json!({ "chats": chats }))
             }
             Route::DeleteChat { chat_id } => {
-                if !self.readers.get()?.delete_chat(tenant, chat_id)? {
+                if !self.writer.delete(tenant, chat_id)? {
                     return Err(no_such_chat(chat_id));
                 }
                 tiny_http::Response::from_data(Vec::new()).with_status_code(204)

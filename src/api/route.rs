@@ -75,10 +75,11 @@ impl Route {
         }
     }
 
-    /// The chat this request holds busy while it is in flight: only a new message does.
+    /// The chat this request holds busy while it is in flight: a new message, and a delete, so
+    /// that a reply still in flight cannot bring back a chat deleted under it.
     pub fn busy_chat(&self) -> Option<&str> {
         match self {
-            Route::PostMessage { chat_id } => Some(chat_id),
+            Route::PostMessage { chat_id } | Route::DeleteChat { chat_id } => Some(chat_id),
             Route::ChatCompletions { chat_id } => chat_id.as_deref(),
             _ => None,
         }
@@ -383,6 +384,16 @@ mod tests {
             );
         }
         assert!(is_valid_chat_id(&"a".repeat(128)));
+    }
+
+    #[test]
+    fn a_new_message_and_a_delete_hold_their_chat_busy() {
+        assert_eq!(
+            api(Method::Post, "/v1/chats/c/messages").busy_chat(),
+            Some("c")
+        );
+        assert_eq!(api(Method::Delete, "/v1/chats/c").busy_chat(), Some("c"));
+        assert_eq!(api(Method::Get, "/v1/chats/c/messages").busy_chat(), None);
     }
 
     #[test]

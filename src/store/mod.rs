@@ -489,8 +489,9 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Deletes a tenant's chat and all its messages; `false` when it did not exist.
-    pub fn delete_chat(&mut self, tenant: &str, chat_id: &str) -> Result<bool, StoreError> {
+    /// Deletes a tenant's chat and all its messages; `false` when it did not exist. Only the
+    /// [`Writer`] deletes, so this is not public.
+    fn delete_chat(&mut self, tenant: &str, chat_id: &str) -> Result<bool, StoreError> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;

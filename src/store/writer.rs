@@ -1,11 +1,13 @@
-//! The group-commit writer: one thread that owns the only connection that stores exchanges.
+//! The group-commit writer: one thread that owns the only connection that stores exchanges
+//! and deletes chats.
 //!
 //! SQLite lets one transaction write at a time. Sixteen workers each opening their own write
 //! transaction would queue inside SQLite's busy handler, which sleeps in steps of milliseconds,
 //! and every commit would pay its own WAL append and checkpoint share. Instead a worker hands
 //! its exchange to this thread and waits: the thread takes every exchange waiting at that moment
 //! and commits them in one transaction, then wakes each worker with its own result. A worker
-//! still answers only after its exchange is committed, so a 200 still means stored.
+//! still answers only after its exchange is committed, so a 200 still means stored. A chat's
+//! deletion goes the same way, in its place among the exchanges, in a transaction of its own.
 //!
 //! Checkpoints (copying the WAL back into the database file, with an fsync) are taken off this
 //! path: a second thread, `store-checkpoint`, runs them every `checkpoint_interval_ms` on its
@@ -24,12 +26,17 @@ use std::time::Duration;
 /// Most exchanges committed in one transaction; bounds how long one commit can take.
 const MAX_BATCH: usize = 256;
 
-struct Pending {
-    exchange: Exchange,
-    done: Sender<Result<i64, StoreError>>,
+/// A write waiting for the writer thread, with where to send its result.
+enum Pending {
+    Append(Exchange, Sender<Result<i64, StoreError>>),
+    Delete {
+        tenant: String,
+        chat_id: String,
+        done: Sender<Result<bool, StoreError>>,
+    },
 }
 
-/// A handle for storing exchanges; clone one per worker. The writer thread returns once every
+/// A handle for storing exchanges and deleting chats; clone one per worker. The writer thread returns once every
 /// handle is dropped and what was handed to it is committed.
 #[derive(Clone)]
 pub struct Writer {
@@ -78,10 +85,27 @@ impl Writer {
     /// Stores the exchange and returns the reply's id once it is committed.
     pub fn append(&self, exchange: Exchange) -> Result<i64, StoreError> {
         let (done, result) = crossbeam_channel::bounded(1);
+        self.send(Pending::Append(exchange, done), result)
+    }
+
+    /// Deletes a tenant's chat and all its messages; `false` when it did not exist.
+    pub fn delete(&self, tenant: &str, chat_id: &str) -> Result<bool, StoreError> {
+        let (done, result) = crossbeam_channel::bounded(1);
+        let pending = Pending::Delete {
+            tenant: tenant.to_string(),
+            chat_id: chat_id.to_string(),
+            done,
+        };
+        self.send(pending, result)
+    }
+
+    fn send<T>(
+        &self,
+        pending: Pending,
+        result: Receiver<Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
         let gone = || StoreError::Unavailable("the writer thread has stopped".into());
-        self.pending
-            .send(Pending { exchange, done })
-            .map_err(|_| gone())?;
+        self.pending.send(pending).map_err(|_| gone())?;
         result.recv().map_err(|_| gone())?
     }
 }
@@ -91,15 +115,40 @@ fn run(mut store: Store, incoming: Receiver<Pending>) {
     let mut waiting = Vec::with_capacity(MAX_BATCH);
     while let Ok(first) = incoming.recv() {
         for pending in std::iter::once(first).chain(incoming.try_iter().take(MAX_BATCH - 1)) {
-            exchanges.push(pending.exchange);
-            waiting.push(pending.done);
+            match pending {
+                Pending::Append(exchange, done) => {
+                    exchanges.push(exchange);
+                    waiting.push(done);
+                }
+                Pending::Delete {
+                    tenant,
+                    chat_id,
+                    done,
+                } => {
+                    // The exchanges handed over before it are committed before it.
+                    commit(&mut store, &mut exchanges, &mut waiting);
+                    let _ = done.send(store.delete_chat(&tenant, &chat_id));
+                }
+            }
         }
-        let results = store.append_batch(&exchanges);
-        exchanges.clear();
-        for (done, result) in waiting.drain(..).zip(results) {
-            // A worker that is gone (its thread panicked) no longer needs the answer.
-            let _ = done.send(result);
-        }
+        commit(&mut store, &mut exchanges, &mut waiting);
+    }
+}
+
+/// Commits the exchanges gathered so far in one transaction and answers each one's worker.
+fn commit(
+    store: &mut Store,
+    exchanges: &mut Vec<Exchange>,
+    waiting: &mut Vec<Sender<Result<i64, StoreError>>>,
+) {
+    if exchanges.is_empty() {
+        return;
+    }
+    let results = store.append_batch(exchanges);
+    exchanges.clear();
+    for (done, result) in waiting.drain(..).zip(results) {
+        // A worker that is gone (its thread panicked) no longer needs the answer.
+        let _ = done.send(result);
     }
 }
 
@@ -166,5 +215,34 @@ mod tests {
             .unwrap();
         assert_eq!(newest.len(), 50);
         assert_eq!(newest[0].content, "a24");
+    }
+
+    #[test]
+    fn a_delete_takes_its_place_among_the_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        let mut reader = Store::open_and_migrate(&path, Synchronous::Normal).unwrap();
+        let (writer, thread) = Writer::start(&path, Synchronous::Normal, None).unwrap();
+        let exchange = |user: &str| Exchange {
+            tenant: DEFAULT_TENANT.into(),
+            chat_id: "c".into(),
+            user: user.into(),
+            reply: "r".into(),
+            model: "m".into(),
+            usage: None,
+            idempotency_key: None,
+        };
+        writer.append(exchange("gone")).unwrap();
+        assert!(writer.delete(DEFAULT_TENANT, "c").unwrap());
+        assert!(!writer.delete(DEFAULT_TENANT, "c").unwrap());
+        assert!(!writer.delete("another tenant", "c").unwrap());
+        writer.append(exchange("new")).unwrap();
+        drop(writer);
+        thread.join().unwrap();
+        let window = reader
+            .history_window(DEFAULT_TENANT, "c", 10, usize::MAX)
+            .unwrap();
+        let texts: Vec<_> = window.iter().map(|m| m.content.as_str()).collect();
+        assert_eq!(texts, ["r", "new"]);
     }
 }
