@@ -5,9 +5,12 @@ with `openai` and `pytest`:  pytest tests/sdk
 Each test gets its own chatpool (built-in mock LLM) on a free loopback port and a temp database.
 """
 
+import http.server
 import json
 import os
 import subprocess
+import threading
+import urllib.error
 import urllib.request
 
 import openai
@@ -17,25 +20,72 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 BINARY = os.environ.get("CHATPOOL_BIN", os.path.join(ROOT, "target", "debug", "chatpool"))
 
 
-@pytest.fixture
-def chatpool(tmp_path):
-    """A running chatpool; yields its base URL and stops it afterwards."""
+def start_chatpool(tmp_path, llm):
+    """Starts chatpool with `llm` as its [llm] section; returns the process and its base URL."""
     config = tmp_path / "config.toml"
-    config.write_text(f'[storage]\npath = "{tmp_path / "chat.db"}"\n\n[llm]\nmodel = "sdk-model"\n')
+    config.write_text(f'[storage]\npath = "{tmp_path / "chat.db"}"\n\n[llm]\n{llm}')
     proc = subprocess.Popen([BINARY, "--config", str(config), "--listen", "127.0.0.1:0"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, RUST_LOG="info"))
+    for line in proc.stderr:
+        if "listening on http://" in line:
+            return proc, "http://" + line.split("listening on http://", 1)[1].split()[0]
+    proc.kill()
+    raise AssertionError("chatpool did not start")
+
+
+@pytest.fixture
+def chatpool(tmp_path):
+    """A running chatpool; yields its base URL and stops it afterwards."""
+    proc, base = start_chatpool(tmp_path, 'model = "sdk-model"\n')
     try:
-        addr = None
-        for line in proc.stderr:
-            if "listening on http://" in line:
-                addr = line.split("listening on http://", 1)[1].split()[0]
-                break
-        assert addr, "chatpool did not start"
-        yield f"http://{addr}"
+        yield base
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def piece(text):
+    chunk = {"id": "x", "object": "chat.completion.chunk", "created": 1, "model": "up",
+             "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
+    return f"data: {json.dumps(chunk)}\n\n"
+
+
+FAILED = 'data: {"error": {"object": "error", "message": "generation failed", "code": 500}}\n\ndata: [DONE]\n\n'
+
+
+class ScriptedLlm(http.server.BaseHTTPRequestHandler):
+    """An upstream whose stream fails part-way, as vLLM's does: two pieces or none, then an
+    error object, then [DONE]. The first word of the user's message says which."""
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        pieces = piece("Hel") + piece("lo") if body["messages"][-1]["content"] == "after" else ""
+        data = (pieces + FAILED).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def failing_llm(tmp_path):
+    """A chatpool in front of ScriptedLlm; yields its base URL."""
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ScriptedLlm)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    host, port = upstream.server_address
+    proc, base = start_chatpool(
+        tmp_path, f'provider = "openai"\nbase_url = "http://{host}:{port}/v1"\nmax_retries = 0\n')
+    try:
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        upstream.shutdown()
 
 
 def client(base):
@@ -99,3 +149,24 @@ def test_errors_reach_the_sdk_as_api_errors(chatpool):
     with pytest.raises(openai.BadRequestError):
         client(chatpool).chat.completions.create(
             model="sdk-model", messages=[{"role": "user", "content": "x"}], extra_headers={"X-Chat-Id": "bad id"})
+
+
+def test_an_error_inside_the_llms_stream_raises_and_stores_nothing(failing_llm):
+    sdk = client(failing_llm)
+    headers = {"X-Chat-Id": "failing"}
+    stream = sdk.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "after"}], stream=True, extra_headers=headers)
+    pieces = []
+    with pytest.raises(openai.APIError) as raised:
+        for chunk in stream:
+            pieces.append(chunk.choices[0].delta.content or "")
+            assert chunk.choices[0].finish_reason is None
+    assert "".join(pieces) == "Hello"
+    assert "generation failed" in str(raised.value)
+    with pytest.raises(openai.InternalServerError) as raised:
+        sdk.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "before"}], stream=True, extra_headers=headers)
+    assert raised.value.status_code == 502
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        history(failing_llm, "failing")
+    assert missing.value.code == 404
