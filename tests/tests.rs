@@ -12,4 +12,5 @@ mod metrics;
 mod openai;
 mod resilience;
 mod streaming;
+mod transfer;
 mod upstream;

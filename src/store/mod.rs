@@ -154,8 +154,17 @@ impl From<rusqlite::Error> for StoreError {
 
 /// The database's schema version, or why chatpool must not touch the file: it is not SQLite,
 /// it holds tables but no chatpool schema, or its schema is newer than this code.
+///
+/// Version and tables are read in one statement, so in one snapshot: another process may be
+/// migrating the same fresh file at this moment, and two reads could see no version and then
+/// its tables.
 fn schema_version(conn: &Connection) -> Result<usize, StoreError> {
-    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let (version, tables): (i64, i64) = conn.query_row(
+        "SELECT (SELECT user_version FROM pragma_user_version),
+                (SELECT count(*) FROM sqlite_master WHERE type = 'table')",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
     let Ok(version) = usize::try_from(version) else {
         return Err(StoreError::Schema(format!(
             "the database has schema version {version}, which no chatpool writes; \
@@ -169,17 +178,10 @@ fn schema_version(conn: &Connection) -> Result<usize, StoreError> {
             MIGRATIONS.len()
         )));
     }
-    if version == 0 {
-        let tables: i64 = conn.query_row(
-            "SELECT count(*) FROM sqlite_master WHERE type = 'table'",
-            [],
-            |r| r.get(0),
-        )?;
-        if tables > 0 {
-            return Err(StoreError::Schema(
-                "the file holds tables but is not a chatpool database; refusing to touch it".into(),
-            ));
-        }
+    if version == 0 && tables > 0 {
+        return Err(StoreError::Schema(
+            "the file holds tables but is not a chatpool database; refusing to touch it".into(),
+        ));
     }
     Ok(version)
 }
@@ -259,8 +261,25 @@ pub struct Store {
 impl Store {
     /// Opens the file (creating it when missing), sets the pragmas and brings the schema up to
     /// date. Call once at start-up, before any other connection is opened with [`Store::open`].
+    ///
+    /// Another process may be doing the same to the same fresh file (a server started beside
+    /// `chatpool import`). SQLite answers "busy" at once, without waiting, to one of two
+    /// connections that both try to switch a file to WAL, so a busy start is tried again
+    /// until the busy timeout has passed.
     pub fn open_and_migrate(path: &Path, sync: Synchronous) -> Result<Store, StoreError> {
         check_sqlite(rusqlite::version(), rusqlite::version_number())?;
+        let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+        loop {
+            match Store::try_open_and_migrate(path, sync) {
+                Err(StoreError::Busy) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(fastrand::u64(5..50)));
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
+    fn try_open_and_migrate(path: &Path, sync: Synchronous) -> Result<Store, StoreError> {
         // Checked on a read-only connection first: switching a file to WAL already writes to it.
         if path.exists() {
             let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
@@ -302,7 +321,13 @@ impl Store {
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
-        let version = schema_version(&self.conn)?;
+        // The version is read inside the exclusive transaction: a second process opening the
+        // same fresh file at the same moment (a server beside an import) waits here, then
+        // finds the schema in place instead of creating it again.
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Exclusive)?;
+        let version = schema_version(&tx)?;
         if version == MIGRATIONS.len() {
             return Ok(());
         }
@@ -313,9 +338,6 @@ impl Store {
                 MIGRATIONS.len()
             );
         }
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Exclusive)?;
         for sql in &MIGRATIONS[version..] {
             tx.execute_batch(sql)?;
         }

@@ -1,0 +1,64 @@
+//! `chatpool export` and `import` as an operator runs them: beside a running server, with bad
+//! records among good ones.
+
+use crate::support::*;
+use serde_json::json;
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+/// A line of export for chat `chat_id` of tenant `default` with one exchange.
+fn record(chat_id: &str, text: &str, key: Option<&str>) -> String {
+    json!({"tenant": "default", "chat_id": chat_id,
+        "created_at": "2026-11-29T10:00:00Z", "updated_at": "2026-11-29T10:00:01Z",
+        "messages": [
+            {"role": "user", "content": text, "created_at": "2026-11-29T10:00:00Z",
+             "model": null, "prompt_tokens": null, "completion_tokens": null, "idempotency_key": null},
+            {"role": "assistant", "content": format!("re: {text}"), "created_at": "2026-11-29T10:00:01Z",
+             "model": "m", "prompt_tokens": 1, "completion_tokens": 2, "idempotency_key": key}]})
+    .to_string()
+}
+
+/// Starts `chatpool --config CONFIG COMMAND` with `input` on its stdin.
+fn spawn(config: &std::path::Path, command: &str, input: &str) -> std::process::Child {
+    let mut child = Command::new(BIN)
+        .args(["--config", config.to_str().unwrap(), command])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).unwrap();
+    drop(stdin);
+    child
+}
+
+fn run(config: &std::path::Path, command: &str, input: &str) -> Output {
+    spawn(config, command, input).wait_with_output().unwrap()
+}
+
+#[test]
+fn a_server_and_an_import_started_together_on_a_fresh_database_both_succeed() {
+    let input: String = (0..20)
+        .map(|i| record(&format!("c{i}"), "hi", None) + "\n")
+        .collect();
+    for attempt in 0..5 {
+        let work = Workdir::new();
+        let config = work.config("");
+        let import = spawn(&config, "import", &input);
+        let server = work.serve("");
+        let out = import.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "attempt {attempt}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let chats = get(server.addr, "/v1/chats?limit=100").json();
+        assert_eq!(
+            chats["chats"].as_array().unwrap().len(),
+            20,
+            "attempt {attempt}"
+        );
+        assert_eq!(send(server.addr, "new", "hello").status, 200);
+    }
+}
