@@ -89,7 +89,7 @@ fn main() -> ExitCode {
 fn run_transfer(
     config_path: Option<&Path>,
     done: &str,
-    run: impl FnOnce(&mut Store) -> Result<transfer::Report, chatpool::store::StoreError>,
+    run: impl FnOnce(&mut Store) -> Result<transfer::Report, transfer::TransferError>,
 ) -> ExitCode {
     let config = match load_config(config_path) {
         Ok(config) => config,
@@ -105,6 +105,12 @@ fn run_transfer(
             for problem in &report.problems {
                 eprintln!("chatpool: {problem}");
             }
+            for tenant in unreachable(&config, &report.tenants) {
+                eprintln!(
+                    "chatpool: warning: no token in [auth] acts for tenant {tenant}; its chats are \
+                     stored but no client can reach them until one does"
+                );
+            }
             eprintln!(
                 "chatpool: {done} {} chats, {} messages; {} unchanged; {} problems ({})",
                 report.chats,
@@ -119,8 +125,28 @@ fn run_transfer(
                 ExitCode::FAILURE
             }
         }
-        Err(e) => fail(&format!("{}: {e}", path.display())),
+        Err(e @ transfer::TransferError::Store(_)) => fail(&format!("{}: {e}", path.display())),
+        Err(e) => fail(&e.to_string()),
     }
+}
+
+/// The tenants among `tenants` that no request can act for: with auth off every request acts
+/// for the default tenant, with auth on each token for its own.
+fn unreachable<'a>(
+    config: &Config,
+    tenants: &'a std::collections::BTreeSet<String>,
+) -> impl Iterator<Item = &'a String> {
+    let reachable: Vec<String> = if config.auth.tokens.is_empty() {
+        vec![chatpool::store::DEFAULT_TENANT.to_string()]
+    } else {
+        config
+            .auth
+            .tokens
+            .iter()
+            .map(|t| t.tenant.clone())
+            .collect()
+    };
+    tenants.iter().filter(move |t| !reachable.contains(t))
 }
 
 /// The config file named, or `./config.toml` when it exists, or the defaults.

@@ -62,3 +62,64 @@ fn a_server_and_an_import_started_together_on_a_fresh_database_both_succeed() {
         assert_eq!(send(server.addr, "new", "hello").status, 200);
     }
 }
+
+#[test]
+fn an_import_with_one_bad_record_imports_the_good_ones_and_names_the_bad_line() {
+    let work = Workdir::new();
+    let config = work.config("");
+    let mut dup: serde_json::Value = serde_json::from_str(&record("dup", "x", Some("k1"))).unwrap();
+    let again = dup["messages"].as_array().unwrap().clone();
+    dup["messages"].as_array_mut().unwrap().extend(again);
+    let mut input = Vec::new();
+    input.extend(format!("{}\n", record("good1", "one", Some("a"))).bytes());
+    input.extend(format!("{dup}\n").bytes());
+    input.extend(b"{\"tenant\": \"default\", \"chat_id\": \"bin\xff\"}\n");
+    input.extend(format!("{}\n", record("good2", "two", None)).bytes());
+    let mut child = Command::new(BIN)
+        .args(["--config", config.to_str().unwrap(), "import"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(&input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("line 2: chat dup, message 4: its idempotency key is used twice"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("line 3: not UTF-8"), "{stderr}");
+    assert!(
+        !stderr.contains("database"),
+        "the input is to blame: {stderr}"
+    );
+    assert!(stderr.contains("imported 2 chats, 4 messages"), "{stderr}");
+    let server = work.serve("");
+    for chat in ["good1", "good2"] {
+        assert_eq!(
+            get(server.addr, &format!("/v1/chats/{chat}/messages")).status,
+            200
+        );
+    }
+    assert_eq!(get(server.addr, "/v1/chats/dup/messages").status, 404);
+}
+
+#[test]
+fn an_import_warns_of_tenants_no_token_reaches() {
+    let work = Workdir::new();
+    let config = work.config("");
+    let other = record("c1", "hi", None).replace("\"default\"", "\"nobody\"");
+    let out = run(
+        &config,
+        "import",
+        &format!("{}\n{other}\n", record("c2", "hi", None)),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning: no token in [auth] acts for tenant nobody"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("tenant default;"), "{stderr}");
+}

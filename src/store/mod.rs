@@ -116,6 +116,9 @@ pub enum StoreError {
     Schema(String),
     /// The SQLite library linked in is too old to run chatpool safely; see [`check_sqlite`].
     OldSqlite(String),
+    /// What was to be stored breaks a rule of the schema (such as an idempotency key used
+    /// twice in one chat); the database is fine.
+    Constraint(String),
     /// Any other SQLite failure.
     Sqlite(String),
 }
@@ -132,7 +135,7 @@ impl fmt::Display for StoreError {
                  can corrupt the database when two connections write or checkpoint at once; \
                  build chatpool with its bundled SQLite"
             ),
-            StoreError::Sqlite(e) => write!(f, "SQLite: {e}"),
+            StoreError::Constraint(e) | StoreError::Sqlite(e) => write!(f, "SQLite: {e}"),
         }
     }
 }
@@ -144,6 +147,7 @@ impl From<rusqlite::Error> for StoreError {
         use rusqlite::ErrorCode::*;
         match e.sqlite_error_code() {
             Some(DatabaseBusy | DatabaseLocked) => StoreError::Busy,
+            Some(ConstraintViolation) => StoreError::Constraint(e.to_string()),
             Some(DiskFull | ReadOnly | SystemIoFailure | CannotOpen | PermissionDenied) => {
                 StoreError::Unavailable(e.to_string())
             }

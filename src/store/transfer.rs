@@ -7,13 +7,52 @@
 //! merged by guess. Forget deletes a chat only while it still holds exactly the exported
 //! messages, so a move (export, import into the new owner, forget on the old) cannot drop an
 //! exchange that arrived in between.
+//!
+//! A bad line (not a record, a field out of bounds, a record the schema refuses) is reported
+//! with its line number and the run goes on with the next; only a failing database or input
+//! stops it.
 
 use super::{remove_chat, reserve_message_ids, Store, StoreError};
 use crate::api::route::is_valid_chat_id;
 use crate::config::is_valid_tenant;
 use rusqlite::{params, OptionalExtension, TransactionBehavior};
 use serde::{Deserialize, Serialize};
-use std::io::{BufRead, Write};
+use std::collections::BTreeSet;
+use std::fmt;
+use std::io::{self, BufRead, Write};
+
+/// The longest message text a record may carry: the longest reply chatpool takes from an LLM
+/// (`llm::wire::MAX_REPLY_BYTES`), and far above any user message a server accepts.
+pub const MAX_CONTENT_BYTES: usize = 8 << 20;
+
+/// Why a whole run stopped (a bad line only becomes a problem in the [`Report`]).
+#[derive(Debug)]
+pub enum TransferError {
+    /// The database failed.
+    Store(StoreError),
+    /// The input could not be read.
+    Input(io::Error),
+    /// The output could not be written.
+    Output(io::Error),
+}
+
+impl fmt::Display for TransferError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TransferError::Store(e) => e.fmt(f),
+            TransferError::Input(e) => write!(f, "cannot read the input: {e}"),
+            TransferError::Output(e) => write!(f, "cannot write the output: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for TransferError {}
+
+impl From<StoreError> for TransferError {
+    fn from(e: StoreError) -> Self {
+        TransferError::Store(e)
+    }
+}
 
 /// One chat and its whole history, as a line of `chatpool export`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,14 +125,16 @@ pub enum Forgotten {
 /// Counts of a whole run, for the summary line.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Report {
-    /// Chats read or written.
+    /// Chats written out (export), stored or extended (import), or deleted (forget).
     pub chats: usize,
-    /// Messages stored (import) or written out (export).
+    /// Messages in those chats that were written out, stored or deleted.
     pub messages: usize,
     /// Chats left alone because they were already as asked.
     pub unchanged: usize,
     /// Problems, each naming its line and chat; the command exits non-zero when any.
     pub problems: Vec<String>,
+    /// The tenants of the chats stored or extended (import).
+    pub tenants: BTreeSet<String>,
 }
 
 impl Store {
@@ -243,12 +284,13 @@ fn read_messages(
 }
 
 /// Writes chats as JSON lines: the ones named (as tenant and chat id), or every chat when none
-/// is. A named chat that does not exist is a problem, not a silent skip.
+/// is. A named chat that does not exist is a problem, not a silent skip; in a full export, a
+/// chat deleted after the list was read is simply no longer there.
 pub fn export(
     store: &mut Store,
     only: &[(String, String)],
     out: &mut dyn Write,
-) -> Result<Report, StoreError> {
+) -> Result<Report, TransferError> {
     let keys = if only.is_empty() {
         store.chat_keys()?
     } else {
@@ -256,44 +298,58 @@ pub fn export(
     };
     let mut report = Report::default();
     for (tenant, chat_id) in keys {
-        match store.export_chat(&tenant, &chat_id)? {
-            Some(record) => {
-                let line = serde_json::to_string(&record)
-                    .map_err(|e| StoreError::Sqlite(format!("cannot encode {chat_id}: {e}")))?;
-                writeln!(out, "{line}")
-                    .map_err(|e| StoreError::Unavailable(format!("cannot write: {e}")))?;
-                report.chats += 1;
-                report.messages += record.messages.len();
+        let Some(record) = store.export_chat(&tenant, &chat_id)? else {
+            if !only.is_empty() {
+                report
+                    .problems
+                    .push(format!("no chat {chat_id} of tenant {tenant}"));
             }
-            None => report
-                .problems
-                .push(format!("no chat {chat_id} of tenant {tenant}")),
-        }
+            continue;
+        };
+        let line = serde_json::to_string(&record)
+            .map_err(|e| TransferError::Output(io::Error::other(e)))?;
+        writeln!(out, "{line}").map_err(TransferError::Output)?;
+        report.chats += 1;
+        report.messages += record.messages.len();
     }
     Ok(report)
 }
 
 /// Applies `apply` to each JSON line of `input`, collecting per-line problems instead of
-/// stopping at the first, so one bad line does not hide the state of the others.
+/// stopping at the first, so one bad line does not hide the state of the others. `apply`
+/// returns the problem with a record it could not apply.
 fn each_record(
     input: &mut dyn BufRead,
     report: &mut Report,
-    mut apply: impl FnMut(&ChatRecord, &mut Report) -> Result<(), StoreError>,
-) -> Result<(), StoreError> {
-    for (n, line) in input.lines().enumerate() {
-        let line = line.map_err(|e| StoreError::Unavailable(format!("cannot read input: {e}")))?;
-        if line.trim().is_empty() {
-            continue;
+    mut apply: impl FnMut(&ChatRecord, &mut Report) -> Result<Option<String>, StoreError>,
+) -> Result<(), TransferError> {
+    let mut bytes = Vec::new();
+    for n in 1.. {
+        bytes.clear();
+        if input
+            .read_until(b'\n', &mut bytes)
+            .map_err(TransferError::Input)?
+            == 0
+        {
+            break;
         }
-        let record = match parse_record(&line) {
-            Ok(record) => record,
-            Err(why) => {
-                report.problems.push(format!("line {}: {why}", n + 1));
-                continue;
-            }
+        let problem = match std::str::from_utf8(&bytes) {
+            Err(e) => Some(format!("not UTF-8 text: {e}")),
+            Ok(line) if line.trim().is_empty() => None,
+            Ok(line) => match parse_record(line) {
+                Err(why) => Some(why),
+                Ok(record) => match apply(&record, report) {
+                    Err(StoreError::Constraint(e)) => Some(format!(
+                        "chat {} of tenant {} cannot be stored: {e}",
+                        record.chat_id, record.tenant
+                    )),
+                    outcome => outcome?,
+                },
+            },
         };
-        report.chats += 1;
-        apply(&record, report)?;
+        if let Some(problem) = problem {
+            report.problems.push(format!("line {n}: {problem}"));
+        }
     }
     Ok(())
 }
@@ -308,52 +364,121 @@ fn parse_record(line: &str) -> Result<ChatRecord, String> {
     if !is_valid_chat_id(&record.chat_id) {
         return Err(format!("invalid chat_id {:?}", record.chat_id));
     }
+    let chat = &record.chat_id;
     if record.messages.is_empty() {
-        return Err(format!("chat {} has no messages", record.chat_id));
+        return Err(format!("chat {chat} has no messages"));
     }
-    if let Some(m) = record
-        .messages
-        .iter()
-        .find(|m| m.role != "user" && m.role != "assistant")
-    {
-        return Err(format!(
-            "chat {}: unknown role {:?}",
-            record.chat_id, m.role
-        ));
+    for time in [&record.created_at, &record.updated_at] {
+        if !is_timestamp(time) {
+            return Err(format!(
+                "chat {chat}: {time:?} is not a time such as 2026-11-29T10:00:00Z"
+            ));
+        }
+    }
+    let mut keys = BTreeSet::new();
+    for (i, m) in record.messages.iter().enumerate() {
+        let problem = if m.role != "user" && m.role != "assistant" {
+            Some(format!("unknown role {:?}", m.role))
+        } else if m.content.len() > MAX_CONTENT_BYTES {
+            Some(format!(
+                "{} bytes of text, over {MAX_CONTENT_BYTES}",
+                m.content.len()
+            ))
+        } else if !is_timestamp(&m.created_at) {
+            Some(format!(
+                "created_at {:?} is not a time such as 2026-11-29T10:00:00Z",
+                m.created_at
+            ))
+        } else if m.idempotency_key.as_ref().is_some_and(|k| !keys.insert(k)) {
+            Some("its idempotency key is used twice in the chat".to_string())
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            return Err(format!("chat {chat}, message {}: {problem}", i + 1));
+        }
     }
     Ok(record)
 }
 
+/// Whether `text` is a UTC time as chatpool stores it: `YYYY-MM-DDTHH:MM:SSZ`, optionally with
+/// a fraction of a second.
+fn is_timestamp(text: &str) -> bool {
+    let b = text.as_bytes();
+    let digits = |range: std::ops::Range<usize>| {
+        b.get(range.clone())
+            .is_some_and(|d| d.iter().all(u8::is_ascii_digit))
+            && text[range].parse::<u32>().is_ok()
+    };
+    let field = |range: std::ops::Range<usize>| text.get(range).and_then(|t| t.parse::<u32>().ok());
+    let shape = b.len() >= 20
+        && digits(0..4)
+        && b[4] == b'-'
+        && digits(5..7)
+        && b[7] == b'-'
+        && digits(8..10)
+        && b[10] == b'T'
+        && digits(11..13)
+        && b[13] == b':'
+        && digits(14..16)
+        && b[16] == b':'
+        && digits(17..19)
+        && b[b.len() - 1] == b'Z'
+        && (b.len() == 20
+            || (b[19] == b'.'
+                && b.len() > 21
+                && b[20..b.len() - 1].iter().all(u8::is_ascii_digit)));
+    shape
+        && matches!(field(5..7), Some(1..=12))
+        && matches!(field(8..10), Some(1..=31))
+        && matches!(field(11..13), Some(0..=23))
+        && matches!(field(14..16), Some(0..=59))
+        && matches!(field(17..19), Some(0..=60))
+}
+
 /// Imports every JSON line of `input`; see [`Store::import_chat`].
-pub fn import(store: &mut Store, input: &mut dyn BufRead) -> Result<Report, StoreError> {
+pub fn import(store: &mut Store, input: &mut dyn BufRead) -> Result<Report, TransferError> {
     let mut report = Report::default();
     each_record(input, &mut report, |record, report| {
-        match store.import_chat(record)? {
-            Imported::New(n) | Imported::Extended(n) => report.messages += n,
-            Imported::AlreadyPresent => report.unchanged += 1,
-            Imported::Diverged => report.problems.push(format!(
+        Ok(match store.import_chat(record)? {
+            Imported::New(n) | Imported::Extended(n) => {
+                report.chats += 1;
+                report.messages += n;
+                report.tenants.insert(record.tenant.clone());
+                None
+            }
+            Imported::AlreadyPresent => {
+                report.unchanged += 1;
+                None
+            }
+            Imported::Diverged => Some(format!(
                 "chat {} of tenant {} holds messages the record lacks; left as it was",
                 record.chat_id, record.tenant
             )),
-        }
-        Ok(())
+        })
     })?;
     Ok(report)
 }
 
 /// Forgets every chat of `input` that still matches its line; see [`Store::forget_chat`].
-pub fn forget(store: &mut Store, input: &mut dyn BufRead) -> Result<Report, StoreError> {
+pub fn forget(store: &mut Store, input: &mut dyn BufRead) -> Result<Report, TransferError> {
     let mut report = Report::default();
     each_record(input, &mut report, |record, report| {
-        match store.forget_chat(record)? {
-            Forgotten::Deleted => report.messages += record.messages.len(),
-            Forgotten::Absent => report.unchanged += 1,
-            Forgotten::Changed => report.problems.push(format!(
+        Ok(match store.forget_chat(record)? {
+            Forgotten::Deleted => {
+                report.chats += 1;
+                report.messages += record.messages.len();
+                None
+            }
+            Forgotten::Absent => {
+                report.unchanged += 1;
+                None
+            }
+            Forgotten::Changed => Some(format!(
                 "chat {} of tenant {} changed since the export; kept",
                 record.chat_id, record.tenant
             )),
-        }
-        Ok(())
+        })
     })?;
     Ok(report)
 }
@@ -481,5 +606,152 @@ mod tests {
         assert_eq!(report.problems.len(), 2, "{:?}", report.problems);
         assert!(report.problems[0].starts_with("line 1:"));
         assert!(report.problems[1].starts_with("line 3:"));
+    }
+
+    #[test]
+    fn a_record_the_schema_refuses_is_named_by_line_and_the_rest_imported() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut from = store(&dir, "a.db");
+        say(&mut from, "c1", "one");
+        say(&mut from, "c2", "two");
+        let good = lines(&mut from);
+        let mut bad: ChatRecord = serde_json::from_str(good.lines().next().unwrap()).unwrap();
+        bad.chat_id = "dup".into();
+        bad.messages.extend(bad.messages.clone());
+        let mut huge = bad.clone();
+        huge.chat_id = "huge".into();
+        huge.messages.truncate(2);
+        huge.messages[0].content = "x".repeat(MAX_CONTENT_BYTES + 1);
+        let mut late = huge.clone();
+        late.chat_id = "late".into();
+        late.messages[0].content = "ok".into();
+        late.messages[1].created_at = "yesterday".into();
+        let input = format!(
+            "{}\n\u{7f}\n{}\n{}\n{}",
+            serde_json::to_string(&bad).unwrap(),
+            serde_json::to_string(&huge).unwrap(),
+            serde_json::to_string(&late).unwrap(),
+            good
+        );
+        let mut bytes = input.into_bytes();
+        let at = bytes.iter().position(|b| *b == 0x7f).unwrap();
+        bytes[at] = 0xff;
+        let mut to = store(&dir, "b.db");
+        let report = import(&mut to, &mut &bytes[..]).unwrap();
+        assert_eq!((report.chats, report.messages), (2, 4), "{report:?}");
+        let problems = &report.problems;
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        assert!(
+            problems[0].starts_with("line 1: chat dup, message 4:")
+                && problems[0].contains("twice"),
+            "{}",
+            problems[0]
+        );
+        assert!(
+            problems[1].starts_with("line 2: not UTF-8"),
+            "{}",
+            problems[1]
+        );
+        assert!(
+            problems[2].starts_with("line 3: chat huge, message 1:"),
+            "{}",
+            problems[2]
+        );
+        assert!(
+            problems[3].starts_with("line 4: chat late, message 2:")
+                && problems[3].contains("yesterday")
+        );
+        assert_eq!(lines(&mut to), good);
+        assert_eq!(report.tenants, BTreeSet::from([DEFAULT_TENANT.to_string()]));
+    }
+
+    #[test]
+    fn the_summary_counts_chats_changed_not_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut from = store(&dir, "a.db");
+        say(&mut from, "c1", "one");
+        say(&mut from, "c2", "two");
+        let exported = lines(&mut from);
+        let mut to = store(&dir, "b.db");
+        import(&mut to, &mut exported.lines().next().unwrap().as_bytes()).unwrap();
+        let again = import(&mut to, &mut exported.as_bytes()).unwrap();
+        assert_eq!((again.chats, again.messages, again.unchanged), (1, 2, 1));
+    }
+
+    /// Output that deletes a chat through another connection when the export writes its first
+    /// line, as a server would while the export runs.
+    struct DeletingOutput {
+        path: std::path::PathBuf,
+        chat: &'static str,
+        written: Vec<u8>,
+    }
+
+    impl Write for DeletingOutput {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.written.is_empty() {
+                let mut other = Store::open(&self.path, Synchronous::Normal).unwrap();
+                let tx = other.conn.transaction().unwrap();
+                assert!(remove_chat(&tx, DEFAULT_TENANT, self.chat).unwrap());
+                tx.commit().unwrap();
+            }
+            self.written.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_full_export_survives_chats_deleted_while_it_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = store(&dir, "a.db");
+        for chat in ["c1", "c2", "c3"] {
+            say(&mut s, chat, "hi");
+        }
+        let mut out = DeletingOutput {
+            path: dir.path().join("a.db"),
+            chat: "c2",
+            written: Vec::new(),
+        };
+        let report = export(&mut s, &[], &mut out).unwrap();
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        assert_eq!(report.chats, 2);
+        let text = String::from_utf8(out.written).unwrap();
+        assert!(text.contains("\"c1\"") && text.contains("\"c3\"") && !text.contains("\"c2\""));
+        // A chat named on the command line that is not there is still a problem.
+        let named = export(
+            &mut s,
+            &[(DEFAULT_TENANT.into(), "c2".into())],
+            &mut io::sink(),
+        )
+        .unwrap();
+        assert_eq!(named.problems.len(), 1);
+    }
+
+    #[test]
+    fn timestamps_are_checked_for_shape_and_range() {
+        for good in [
+            "2026-11-29T10:00:00Z",
+            "2026-11-29T23:59:60Z",
+            "2026-01-01T00:00:00.123Z",
+        ] {
+            assert!(is_timestamp(good), "{good}");
+        }
+        for bad in [
+            "",
+            "yesterday",
+            "2026-11-29 10:00:00Z",
+            "2026-13-01T00:00:00Z",
+            "2026-11-29T24:00:00Z",
+            "2026-11-29T10:00:00",
+            "2026-11-29T10:00:00.Z",
+            "+026-11-29T10:00:00Z",
+            "2026-11-29T10:00:00+01:00",
+        ] {
+            assert!(!is_timestamp(bad), "{bad}");
+        }
+        assert_eq!(MAX_CONTENT_BYTES, crate::llm::wire::MAX_REPLY_BYTES);
     }
 }
