@@ -473,3 +473,44 @@ fn a_broken_database_is_500_internal_without_details() {
         server.log()
     );
 }
+
+#[test]
+fn an_idempotency_key_reused_for_another_message_is_422() {
+    let work = Workdir::new();
+    let server = work.serve("");
+    let post = |content: &str| {
+        let body = serde_json::json!({ "content": content }).to_string();
+        request(
+            server.addr,
+            "POST",
+            "/v1/chats/c/messages",
+            Some(&body),
+            &[("Idempotency-Key", "k-1")],
+        )
+    };
+    let first = post("hello");
+    assert_eq!(first.status, 200);
+    assert_eq!(
+        post("hello").json()["message_id"],
+        first.json()["message_id"]
+    );
+    let reused = post("something else");
+    assert_eq!(
+        (reused.status, reused.error_type().as_str()),
+        (422, "idempotency_key_reused")
+    );
+    assert_eq!(stored_messages(&work.db(), "c").len(), 2);
+    // The front door's history-backed calls share the rule.
+    let body = serde_json::json!({"messages": [{"role": "user", "content": "other"}]}).to_string();
+    let r = request(
+        server.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&body),
+        &[("X-Chat-Id", "c"), ("Idempotency-Key", "k-1")],
+    );
+    assert_eq!(
+        (r.status, r.error_type().as_str()),
+        (422, "idempotency_key_reused")
+    );
+}

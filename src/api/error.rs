@@ -23,6 +23,8 @@ pub enum ApiError {
     },
     /// 409 `chat_busy`: the chat has a message queued or in progress.
     ChatBusy,
+    /// 422 `idempotency_key_reused`: the key already stands for a different message.
+    IdempotencyKeyReused,
     /// 413 `payload_too_large`.
     PayloadTooLarge {
         /// `max_body_bytes`.
@@ -55,6 +57,7 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => (405, "method_not_allowed"),
             ApiError::ChatBusy => (409, "chat_busy"),
             ApiError::PayloadTooLarge { .. } => (413, "payload_too_large"),
+            ApiError::IdempotencyKeyReused => (422, "idempotency_key_reused"),
             ApiError::Overloaded => (503, "overloaded"),
             ApiError::ShuttingDown => (503, "shutting_down"),
             ApiError::Upstream(UpstreamError::Timeout { .. }) => (504, "upstream_timeout"),
@@ -127,6 +130,10 @@ impl fmt::Display for ApiError {
                 "this chat already has a message queued or in progress; retry when it has been answered",
             ),
             ApiError::PayloadTooLarge { limit } => write!(f, "the request body is larger than {limit} bytes"),
+            ApiError::IdempotencyKeyReused => f.write_str(
+                "this Idempotency-Key was already used in this chat for a different message; \
+                 a new message needs a new key",
+            ),
             ApiError::Overloaded => f.write_str("every worker is busy and the queue is full; retry shortly"),
             ApiError::ShuttingDown => f.write_str("the server is shutting down; retry against another instance or later"),
             ApiError::Upstream(e) => e.fmt(f),
@@ -231,6 +238,10 @@ mod tests {
         assert_eq!(paused.status_and_type(), (503, "upstream_unavailable"));
         assert_eq!(paused.headers(), [("Retry-After", "3".to_string())]);
         assert_eq!(ApiError::ChatBusy.status_and_type(), (409, "chat_busy"));
+        assert_eq!(
+            ApiError::IdempotencyKeyReused.status_and_type(),
+            (422, "idempotency_key_reused")
+        );
         assert_eq!(
             ApiError::MethodNotAllowed { allow: "GET" }.headers(),
             [("Allow", "GET".to_string())]

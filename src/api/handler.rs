@@ -322,6 +322,12 @@ impl Handler {
             let mut store = self.readers.get()?;
             if let Some(key) = &turn.key {
                 if let Some(stored) = store.find_reply(tenant, &chat_id, key)? {
+                    // A key stands for one message: reused for another, the stored reply
+                    // would answer a question that was not asked.
+                    let asked = store.message_before(tenant, &chat_id, stored.message_id)?;
+                    if asked.is_some() && asked != turn.user {
+                        return Err(ApiError::IdempotencyKeyReused);
+                    }
                     drop(store);
                     call.timings.history = Some(started.elapsed());
                     let answer = Answer::Stored {

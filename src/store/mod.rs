@@ -424,6 +424,22 @@ impl Store {
         Ok(reply)
     }
 
+    /// The text of the message a stored reply answered: the chat's message just before it.
+    pub fn message_before(
+        &mut self,
+        tenant: &str,
+        chat_id: &str,
+        reply_id: i64,
+    ) -> Result<Option<String>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT content FROM messages WHERE tenant = ?1 AND chat_id = ?2 AND id < ?3
+             ORDER BY id DESC LIMIT 1",
+        )?;
+        Ok(stmt
+            .query_row(params![tenant, chat_id, reply_id], |r| r.get(0))
+            .optional()?)
+    }
+
     /// Stores one exchange (the user's message and the reply together); returns the reply's id.
     pub fn append_exchange(&mut self, exchange: &Exchange) -> Result<i64, StoreError> {
         let ids = self.commit_all(std::slice::from_ref(exchange))?;
@@ -800,6 +816,8 @@ mod tests {
             (id, "a", Some((3, 4)))
         );
         assert_eq!(s.find_reply(T, "other", "k").unwrap(), None);
+        assert_eq!(s.message_before(T, "c", id).unwrap().as_deref(), Some("u"));
+        assert_eq!(s.message_before(T, "c", id - 1).unwrap(), None);
     }
 
     #[test]
