@@ -18,6 +18,8 @@ pub enum AuthError {
     Missing,
     /// An `Authorization` header that is not `Bearer TOKEN`.
     Malformed,
+    /// More than one `Authorization` header: which one counts would be a guess.
+    Several,
     /// A token that matches no configured digest.
     Unknown,
 }
@@ -28,6 +30,7 @@ impl AuthError {
         match self {
             AuthError::Missing => "this server needs `Authorization: Bearer TOKEN`",
             AuthError::Malformed => "the Authorization header must be `Bearer TOKEN`",
+            AuthError::Several => "send one Authorization header, not several",
             AuthError::Unknown => "the bearer token is not valid",
         }
     }
@@ -54,18 +57,17 @@ impl Auth {
         !self.tenants.is_empty()
     }
 
-    /// The tenant the request acts for, given its `Authorization` header.
-    pub fn tenant(&self, authorization: Option<&str>) -> Result<&str, AuthError> {
+    /// The tenant the request acts for, given its `Authorization` headers (there must be one).
+    pub fn tenant(&self, authorization: &[&str]) -> Result<&str, AuthError> {
         if !self.is_on() {
             return Ok(DEFAULT_TENANT);
         }
-        let header = authorization.ok_or(AuthError::Missing)?;
-        let token = header
-            .strip_prefix("Bearer ")
-            .or_else(|| header.strip_prefix("bearer "))
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or(AuthError::Malformed)?;
+        let header = match authorization {
+            [] => return Err(AuthError::Missing),
+            [one] => one,
+            _ => return Err(AuthError::Several),
+        };
+        let token = bearer_token(header).ok_or(AuthError::Malformed)?;
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let mut found = None;
         for (expected, tenant) in &self.tenants {
@@ -75,6 +77,15 @@ impl Auth {
         }
         found.ok_or(AuthError::Unknown)
     }
+}
+
+/// The token of `Bearer TOKEN`: the scheme in any case, then spaces or tabs (RFC 9110).
+fn bearer_token(header: &str) -> Option<&str> {
+    let blank = |c: char| c == ' ' || c == '\t';
+    let (scheme, token) = header.trim_matches(blank).split_once(blank)?;
+    let token = token.trim_start_matches(blank);
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() && !token.contains(blank))
+        .then_some(token)
 }
 
 /// Equality of two digests in time independent of where they differ.
@@ -132,22 +143,44 @@ mod tests {
     fn off_means_the_default_tenant() {
         let auth = Auth::new(&AuthConfig::default());
         assert!(!auth.is_on());
-        assert_eq!(auth.tenant(None), Ok(DEFAULT_TENANT));
+        assert_eq!(auth.tenant(&[]), Ok(DEFAULT_TENANT));
     }
 
     #[test]
     fn on_maps_a_token_to_its_tenant_and_refuses_the_rest() {
         let auth = auth_with("secret-1", "alice");
-        assert_eq!(auth.tenant(Some("Bearer secret-1")), Ok("alice"));
-        assert_eq!(auth.tenant(None), Err(AuthError::Missing));
+        assert_eq!(auth.tenant(&["Bearer secret-1"]), Ok("alice"));
+        assert_eq!(auth.tenant(&[]), Err(AuthError::Missing));
+        assert_eq!(auth.tenant(&["Basic c2VjcmV0"]), Err(AuthError::Malformed));
+        assert_eq!(auth.tenant(&["Bearer "]), Err(AuthError::Malformed));
+        assert_eq!(auth.tenant(&["Bearer secret-2"]), Err(AuthError::Unknown));
+    }
+
+    #[test]
+    fn the_scheme_is_case_insensitive_and_blanks_may_be_tabs() {
+        let auth = auth_with("secret-1", "alice");
+        for header in ["BEARER secret-1", "bearer\tsecret-1", "Bearer \t secret-1 "] {
+            assert_eq!(auth.tenant(&[header]), Ok("alice"), "{header:?}");
+        }
+        for header in ["Bearersecret-1", "Bearer secret-1 extra", "Bear secret-1"] {
+            assert_eq!(
+                auth.tenant(&[header]),
+                Err(AuthError::Malformed),
+                "{header:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn two_authorization_headers_are_refused() {
+        let auth = auth_with("secret-1", "alice");
         assert_eq!(
-            auth.tenant(Some("Basic c2VjcmV0")),
-            Err(AuthError::Malformed)
+            auth.tenant(&["Bearer secret-1", "Bearer other"]),
+            Err(AuthError::Several)
         );
-        assert_eq!(auth.tenant(Some("Bearer ")), Err(AuthError::Malformed));
         assert_eq!(
-            auth.tenant(Some("Bearer secret-2")),
-            Err(AuthError::Unknown)
+            auth.tenant(&["Bearer other", "Bearer secret-1"]),
+            Err(AuthError::Several)
         );
     }
 

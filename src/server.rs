@@ -441,7 +441,8 @@ impl Acceptor {
         let Some(jobs) = &self.jobs else {
             return Err(Box::new((request, ApiError::ShuttingDown)));
         };
-        let tenant = match self.auth.tenant(api::header(&request, "Authorization")) {
+        let authorization: Vec<&str> = api::headers(&request, "Authorization").collect();
+        let tenant = match self.auth.tenant(&authorization) {
             Ok(tenant) => tenant.to_string(),
             Err(e) => return Err(Box::new((request, ApiError::Unauthorized(e.message())))),
         };

@@ -230,3 +230,47 @@ fn a_database_from_before_auth_keeps_its_chats_under_the_default_tenant() {
     assert_eq!(history["messages"][0]["content"], "q");
     assert_eq!(send(server.addr, "old", "more").json()["message_id"], 4);
 }
+
+#[test]
+fn the_scheme_is_any_case_a_tab_may_follow_it_and_two_headers_are_refused() {
+    let (token, entry) = new_token("alice");
+    let (other, other_entry) = new_token("bob");
+    let work = Workdir::new();
+    let server = work.serve(&format!("[auth]\ntokens = [{entry}, {other_entry}]\n"));
+    for scheme in ["BEARER", "bearer", "bEaReR"] {
+        let r = request(
+            server.addr,
+            "GET",
+            "/v1/chats",
+            None,
+            &[("Authorization", &format!("{scheme} {token}"))],
+        );
+        assert_eq!(r.status, 200, "{scheme}: {}", r.text());
+    }
+    let tab = format!("Bearer\t{token}");
+    let r = request(
+        server.addr,
+        "GET",
+        "/v1/chats",
+        None,
+        &[("Authorization", &tab)],
+    );
+    assert_eq!(r.status, 200, "tab: {}", r.text());
+    // Two headers: neither wins, whichever comes first.
+    for pair in [
+        [bearer(&token), bearer(&other)],
+        [bearer(&other), bearer(&token)],
+    ] {
+        let headers = [
+            ("Authorization", pair[0].as_str()),
+            ("Authorization", pair[1].as_str()),
+        ];
+        let r = request(server.addr, "GET", "/v1/chats", None, &headers);
+        assert_eq!((r.status, r.error_type().as_str()), (401, "unauthorized"));
+        assert!(
+            r.text().contains("one Authorization header"),
+            "{}",
+            r.text()
+        );
+    }
+}
