@@ -218,8 +218,9 @@ fn serve(config_path: Option<&Path>, listen: Option<String>, workers: Option<usi
         env!("CARGO_PKG_VERSION")
     );
     if let Some(signal) = signals.forever().next() {
-        log::info!("signal {signal}: draining");
+        log::info!("signal {signal}: draining (a second signal exits at once)");
     }
+    exit_on_second_signal(signals);
     let report = server.shutdown();
     if report.drained {
         log::info!("drained; exiting");
@@ -227,6 +228,23 @@ fn serve(config_path: Option<&Path>, listen: Option<String>, workers: Option<usi
         log::warn!("the grace period ended with requests still running; exiting anyway");
     }
     ExitCode::SUCCESS
+}
+
+/// Ends the process at the next signal: an operator who presses Ctrl-C again during the drain
+/// wants it over now, not after `shutdown_grace_secs`. What was acknowledged is in the database
+/// already; the requests still running get no answer. Exits 128 + the signal, as a shell does.
+fn exit_on_second_signal(mut signals: Signals) {
+    let watcher = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                log::warn!("signal {signal} again: exiting now, without finishing the drain");
+                std::process::exit(128 + signal);
+            }
+        });
+    if let Err(e) = watcher {
+        log::warn!("cannot watch for a second signal ({e}); the drain runs its course");
+    }
 }
 
 fn fail(message: &str) -> ExitCode {

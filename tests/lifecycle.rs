@@ -194,6 +194,31 @@ fn sigint_with_nothing_in_flight_exits_0_at_once() {
 }
 
 #[test]
+fn a_second_sigint_during_the_drain_exits_at_once() {
+    let work = Workdir::new();
+    let config = "[server]\nshutdown_grace_secs = 60\n\n[llm]\nmock_latency_ms = 30000\n";
+    let mut server = work.serve(config);
+    let addr = server.addr;
+    // Its answer never comes: the process ends under it.
+    let _slow = thread::spawn(move || std::panic::catch_unwind(|| send(addr, "slow", "hi")));
+    assert!(eventually(Duration::from_secs(10), || get(addr, "/status")
+        .json()["workers_busy"]
+        == 1));
+    server.signal(libc::SIGINT);
+    assert!(server.log_shows("draining"));
+    assert!(
+        server.wait(Duration::from_millis(500)).is_none(),
+        "the first signal drains"
+    );
+    server.signal(libc::SIGINT);
+    let status = server
+        .wait(Duration::from_secs(10))
+        .expect("exited at the second signal, not after the 30 s request");
+    assert_eq!(status.code(), Some(128 + libc::SIGINT), "{}", server.log());
+    assert!(stored_messages(&work.db(), "slow").is_empty());
+}
+
+#[test]
 fn after_kill_9_every_acknowledged_exchange_is_stored_and_complete() {
     let work = Workdir::new();
     let config = "[server]\nmax_concurrent_requests = 4\n\n[llm]\nmock_latency_ms = 5\n";
