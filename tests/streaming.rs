@@ -262,7 +262,7 @@ fn a_stream_that_stays_open_after_its_finish_reason_and_usage_is_finished() {
     let finish = sse_end("stop");
     // Everything but [DONE]; then the connection stays open.
     let held = format!("{stream}{}", finish.rsplit_once("data: [DONE]").unwrap().0);
-    let upstream = HeldOpenUpstream::start(held);
+    let upstream = RawUpstream::start(held.into_bytes(), true);
     let work = Workdir::new();
     let server = work.serve(&openai_llm(upstream.addr, "request_timeout_ms = 20000\n"));
     let started = Instant::now();
@@ -279,4 +279,70 @@ fn a_stream_that_stays_open_after_its_finish_reason_and_usage_is_finished() {
         started.elapsed()
     );
     assert_eq!(stored_messages(&work.db(), "s").len(), 2);
+}
+
+#[test]
+fn invalid_utf8_from_the_llm_is_malformed_and_not_retried() {
+    let mut body = sse_piece("fine ").into_bytes();
+    body.extend_from_slice(
+        b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"\xff\xfe\"}}]}\n\n",
+    );
+    for (stream, pieces) in [
+        (body.clone(), "fine "),
+        (body[body.len() - 60..].to_vec(), ""),
+    ] {
+        let upstream = RawUpstream::start(stream, false);
+        let work = Workdir::new();
+        let server = work.serve(&openai_llm(upstream.addr, "max_retries = 2\n"));
+        let mut events = EventReader::post(server.addr, "/v1/chats/s/messages", STREAM_BODY, &[]);
+        let error: Value = if pieces.is_empty() {
+            assert_eq!(events.status, 502);
+            serde_json::from_str(&events.body()).unwrap()
+        } else {
+            let (text, end, error) = native_deltas(&mut events);
+            assert_eq!((text.as_str(), end.as_deref()), (pieces, Some("error")));
+            error
+        };
+        assert!(
+            error["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("UTF-8"),
+            "{error}"
+        );
+        assert_eq!(
+            upstream.requests(),
+            1,
+            "tokens are not spent twice on the same answer"
+        );
+        assert!(stored_messages(&work.db(), "s").is_empty());
+    }
+}
+
+#[test]
+fn bare_cr_line_ends_and_multi_line_data_events_are_read() {
+    let pieces = format!(
+        "{}{}{}",
+        sse_piece("one "),
+        sse_piece("two "),
+        sse_piece("three")
+    );
+    // Each event's JSON split over two data lines, and every line ended by a lone CR.
+    let split: String = pieces
+        .split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| e.replacen(",", ",\ndata: ", 1) + "\n\n")
+        .collect();
+    let stream = (split + &sse_end("stop")).replace('\n', "\r");
+    let upstream = upstream_streaming(stream, completion("unused"));
+    let work = Workdir::new();
+    let server = work.serve(&openai_llm(upstream.addr, ""));
+    let mut events = EventReader::post(server.addr, "/v1/chats/s/messages", STREAM_BODY, &[]);
+    let (text, end, done) = native_deltas(&mut events);
+    assert_eq!(
+        (text.as_str(), end.as_deref()),
+        ("one two three", Some("done")),
+        "{done}"
+    );
+    assert_eq!(stored_messages(&work.db(), "s")[1].2, "one two three");
 }

@@ -602,51 +602,80 @@ pub fn openai_chunks(events: &mut EventReader) -> (Vec<serde_json::Value>, bool)
     (chunks, false)
 }
 
-/// An upstream that answers the first request with a `text/event-stream` head and `body`, then
-/// keeps the connection open until it is dropped, as a server that never ends its stream.
-pub struct HeldOpenUpstream {
+/// An upstream that answers every request with a `text/event-stream` head and `body` as raw
+/// bytes (valid UTF-8 or not), then closes the connection, or with `hold_open` keeps it open
+/// until dropped, as a server that never ends its stream. Counts the requests.
+pub struct RawUpstream {
     pub addr: SocketAddr,
+    requests: Arc<std::sync::atomic::AtomicUsize>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
     release: Option<std::sync::mpsc::Sender<()>>,
     thread: Option<thread::JoinHandle<()>>,
 }
 
-impl HeldOpenUpstream {
-    pub fn start(body: String) -> HeldOpenUpstream {
+impl RawUpstream {
+    pub fn start(body: Vec<u8>, hold_open: bool) -> RawUpstream {
+        use std::sync::atomic::Ordering;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let (release, held) = std::sync::mpsc::channel::<()>();
+        let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (count, stopped) = (Arc::clone(&requests), Arc::clone(&stop));
         let thread = thread::spawn(move || {
-            let Ok((stream, _)) = listener.accept() else {
-                return;
-            };
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut length = 0;
-            let mut line = String::new();
-            while reader.read_line(&mut line).unwrap_or(0) > 2 {
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    length = v.trim().parse().unwrap_or(0);
+            for stream in listener.incoming() {
+                if stopped.load(Ordering::SeqCst) {
+                    return;
                 }
-                line.clear();
+                let Ok(stream) = stream else { continue };
+                read_request_head_and_body(&stream);
+                count.fetch_add(1, Ordering::SeqCst);
+                let mut out = stream;
+                let _ =
+                    out.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n");
+                let _ = out.write_all(&body);
+                let _ = out.flush();
+                if hold_open {
+                    let _ = held.recv();
+                    return;
+                }
             }
-            let mut request = vec![0; length];
-            let _ = reader.read_exact(&mut request);
-            let mut out = stream;
-            let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n";
-            let _ = out.write_all(format!("{head}{body}").as_bytes());
-            let _ = out.flush();
-            let _ = held.recv();
         });
-        HeldOpenUpstream {
+        RawUpstream {
             addr,
+            requests,
+            stop,
             release: Some(release),
             thread: Some(thread),
         }
     }
+
+    /// Requests received so far.
+    pub fn requests(&self) -> usize {
+        self.requests.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
-impl Drop for HeldOpenUpstream {
+fn read_request_head_and_body(stream: &TcpStream) {
+    let mut reader = BufReader::new(stream);
+    let mut length = 0;
+    let mut line = String::new();
+    while reader.read_line(&mut line).unwrap_or(0) > 2 {
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+        line.clear();
+    }
+    let mut request = vec![0; length];
+    let _ = reader.read_exact(&mut request);
+}
+
+impl Drop for RawUpstream {
     fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         self.release.take();
+        // Wakes the accept loop so it sees the stop.
+        let _ = TcpStream::connect(self.addr);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
