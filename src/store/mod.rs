@@ -454,7 +454,7 @@ impl Store {
     pub fn append_batch(&mut self, batch: &[Exchange]) -> Vec<Result<i64, StoreError>> {
         match self.commit_all(batch) {
             Ok(ids) => ids.into_iter().map(Ok).collect(),
-            Err(StoreError::Sqlite(_)) if batch.len() > 1 => {
+            Err(StoreError::Constraint(_) | StoreError::Sqlite(_)) if batch.len() > 1 => {
                 batch.iter().map(|e| self.append_exchange(e)).collect()
             }
             Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
@@ -853,7 +853,7 @@ mod tests {
         ];
         let results = s.append_batch(&batch);
         assert!(results[0].is_ok() && results[2].is_ok());
-        assert!(matches!(results[1], Err(StoreError::Sqlite(_))));
+        assert!(matches!(results[1], Err(StoreError::Constraint(_))));
         assert_eq!(s.history_window(T, "c", 10, usize::MAX).unwrap().len(), 2);
         assert_eq!(s.history_window(T, "e", 10, usize::MAX).unwrap().len(), 2);
         assert_eq!(s.list_chats(T, 10).unwrap().len(), 3);
