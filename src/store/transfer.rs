@@ -404,36 +404,26 @@ fn parse_record(line: &str) -> Result<ChatRecord, String> {
 /// Whether `text` is a UTC time as chatpool stores it: `YYYY-MM-DDTHH:MM:SSZ`, optionally with
 /// a fraction of a second.
 fn is_timestamp(text: &str) -> bool {
-    let b = text.as_bytes();
-    let digits = |range: std::ops::Range<usize>| {
-        b.get(range.clone())
-            .is_some_and(|d| d.iter().all(u8::is_ascii_digit))
-            && text[range].parse::<u32>().is_ok()
+    let Some(body) = text.strip_suffix('Z') else {
+        return false;
     };
-    let field = |range: std::ops::Range<usize>| text.get(range).and_then(|t| t.parse::<u32>().ok());
-    let shape = b.len() >= 20
-        && digits(0..4)
-        && b[4] == b'-'
-        && digits(5..7)
-        && b[7] == b'-'
-        && digits(8..10)
-        && b[10] == b'T'
-        && digits(11..13)
-        && b[13] == b':'
-        && digits(14..16)
-        && b[16] == b':'
-        && digits(17..19)
-        && b[b.len() - 1] == b'Z'
-        && (b.len() == 20
-            || (b[19] == b'.'
-                && b.len() > 21
-                && b[20..b.len() - 1].iter().all(u8::is_ascii_digit)));
+    let (time, fraction) = body.split_once('.').unwrap_or((body, "0"));
+    if fraction.is_empty() || !fraction.bytes().all(|c| c.is_ascii_digit()) || time.len() != 19 {
+        return false;
+    }
+    let shape = time.bytes().enumerate().all(|(i, c)| match i {
+        4 | 7 => c == b'-',
+        10 => c == b'T',
+        13 | 16 => c == b':',
+        _ => c.is_ascii_digit(),
+    });
+    let field = |range: std::ops::Range<usize>| time[range].parse::<u32>().unwrap_or(u32::MAX);
     shape
-        && matches!(field(5..7), Some(1..=12))
-        && matches!(field(8..10), Some(1..=31))
-        && matches!(field(11..13), Some(0..=23))
-        && matches!(field(14..16), Some(0..=59))
-        && matches!(field(17..19), Some(0..=60))
+        && (1..=12).contains(&field(5..7))
+        && (1..=31).contains(&field(8..10))
+        && field(11..13) <= 23
+        && field(14..16) <= 59
+        && field(17..19) <= 60
 }
 
 /// Imports every JSON line of `input`; see [`Store::import_chat`].
