@@ -199,9 +199,12 @@ fn an_error_object_before_any_piece_is_an_error_and_stores_nothing() {
     assert_eq!(events.status, 502);
     let body: Value = serde_json::from_str(&events.body()).unwrap();
     assert_eq!(body["error"]["type"], "upstream_error");
+    // The LLM's own words, not a guess from the stream's end.
+    assert!(body.to_string().contains("generation failed"), "{body}");
     // The same answer to a call that is not streamed: an error, not an empty reply.
     let r = send(server.addr, "s", "hello");
     assert_eq!((r.status, r.error_type().as_str()), (502, "upstream_error"));
+    assert!(r.text().contains("generation failed"), "{}", r.text());
     assert!(stored_messages(&work.db(), "s").is_empty());
 }
 
