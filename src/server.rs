@@ -222,7 +222,7 @@ fn connection_limits(config: &Config, metrics: Arc<Metrics>) -> tiny_http::Conne
         timeout: Some(Duration::from_secs(config.server.client_timeout_secs)),
         max_connections: config.server.max_connections,
         max_head_bytes: MAX_HEAD_BYTES,
-        max_body_bytes: Some(config.server.max_body_bytes),
+        max_body_bytes: config.server.max_body_bytes,
         respond: Arc::new(move |refusal| {
             let error = ApiError::Refused(refusal);
             let request_id = api::new_request_id();

@@ -75,6 +75,7 @@ impl ApiError {
                     UriTooLong => "uri_too_long",
                     ExpectationFailed => "expectation_failed",
                     HeadersTooLarge => "headers_too_large",
+                    NotImplemented(_) => "not_implemented",
                     TooManyConnections => "overloaded",
                     VersionNotSupported => "http_version_not_supported",
                 };
@@ -220,6 +221,7 @@ mod tests {
             (Refusal::BadRequest("x"), 400, "invalid_request"),
             (Refusal::Timeout, 408, "request_timeout"),
             (Refusal::HeadersTooLarge, 431, "headers_too_large"),
+            (Refusal::NotImplemented("x"), 501, "not_implemented"),
             (Refusal::TooManyConnections, 503, "overloaded"),
         ] {
             assert_eq!(ApiError::Refused(refusal).status_and_type(), (status, kind));

@@ -15,11 +15,12 @@ use crate::admission::Ticket;
 use crate::config::Config;
 use crate::llm::prompt;
 use crate::llm::wire::{ChatMessage, Completion, Sampling, Usage};
-use crate::llm::{LlmClient, UpstreamError};
+use crate::llm::LlmClient;
 use crate::metrics::Metrics;
 use crate::store::{Exchange, Message, Readers, StoredReply, Writer};
 use serde_json::json;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -98,9 +99,15 @@ impl Handler {
             received,
             ticket,
         } = job;
-        self.metrics.workers_busy.inc();
         let (method, url) = (request.method().to_string(), request.url().to_string());
+        if request.client_gone() {
+            log::info!("request_id={request_id} {method} {url}: the client left while it was queued; dropped");
+            self.metrics.request(route.name(), CLIENT_GONE);
+            return;
+        }
+        self.metrics.workers_busy.inc();
         let mut call = Call {
+            hangup: request.hangup(),
             request: Some(request),
             request_id,
             created: openai::now_secs(),
@@ -121,7 +128,7 @@ impl Handler {
         let outcome = catch_unwind(AssertUnwindSafe(|| self.handle(&mut call, &route, &tenant)));
         let response = match outcome {
             Ok(Ok(Outcome::Respond(response))) => Some(response),
-            Ok(Ok(Outcome::Streamed)) => None,
+            Ok(Ok(Outcome::Streamed | Outcome::Abandoned)) => None,
             Ok(Err(error)) => {
                 if let Some(detail) = log_detail(&error) {
                     log::warn!(
@@ -151,6 +158,7 @@ impl Handler {
                 respond(request, response, &call.request_id);
                 status
             }
+            _ if call.client_gone() => CLIENT_GONE,
             // The response went out as an event stream, whose head said 200.
             _ => 200,
         };
@@ -395,6 +403,18 @@ impl Handler {
             },
             started.elapsed().as_secs_f64() * 1e3
         );
+        if call.client_gone() {
+            let when = if turn.stream {
+                "mid-stream"
+            } else {
+                "during the LLM call"
+            };
+            log::info!(
+                "request_id={}: the client went away {when}; nothing stored",
+                call.request_id
+            );
+            return Ok(Outcome::Abandoned);
+        }
         let completion = match completion {
             Ok(completion) => completion,
             Err(e) if stream.is_some() => return self.answer(call, &turn, Err(e.into()), stream),
@@ -470,20 +490,11 @@ impl Handler {
             Some(stream) => stream,
             None => {
                 let request = call.request.take().ok_or_else(answered)?;
-                EventStream::start(request, &call.request_id).map_err(|e| {
-                    ApiError::Internal(format!("could not start the event stream: {e}"))
-                })?
+                EventStream::start(request, &call.request_id)
             }
         };
         call.ticket = None;
         let sent = match (&answer, turn.format) {
-            (Err(ApiError::Upstream(UpstreamError::Cancelled)), _) => {
-                log::info!(
-                    "request_id={}: the client went away mid-stream; nothing stored",
-                    call.request_id
-                );
-                return Ok(Outcome::Streamed);
-            }
             (Err(error), format) => {
                 if let Some(detail) = log_detail(error) {
                     log::warn!("request_id={} stream failed: {detail}", call.request_id);
@@ -539,10 +550,7 @@ fn send_event(
         let Some(request) = request.take() else {
             return false;
         };
-        match EventStream::start(request, request_id) {
-            Ok(opened) => *stream = Some(opened),
-            Err(_) => return false,
-        }
+        *stream = Some(EventStream::start(request, request_id));
     }
     stream.as_mut().is_some_and(|s| s.send(None, data).is_ok())
 }
@@ -630,9 +638,16 @@ struct Call {
     /// Released as soon as the answer is settled.
     ticket: Option<Ticket>,
     timings: Timings,
+    /// Set by the client's connection when the client hangs up.
+    hangup: Arc<AtomicBool>,
 }
 
 impl Call {
+    /// Whether the client has hung up: the answer would go nowhere.
+    fn client_gone(&self) -> bool {
+        self.hangup.load(Ordering::SeqCst)
+    }
+
     /// The request, while it has not been answered.
     fn request(&mut self) -> Result<&mut tiny_http::Request, ApiError> {
         self.request.as_mut().ok_or_else(answered)
@@ -645,7 +660,13 @@ enum Outcome {
     Respond(HttpResponse),
     /// With an event stream, already sent.
     Streamed,
+    /// Not at all: the client hung up, and nothing was stored.
+    Abandoned,
 }
+
+/// The status counted for a request whose client hung up before its answer (nginx's 499,
+/// "client closed request"); no client sees it.
+const CLIENT_GONE: u16 = 499;
 
 /// The body of a 200, and of the `done` event of a stream.
 fn reply_json(chat_id: &str, reply: &StoredReply, timings: &Timings) -> serde_json::Value {

@@ -1,28 +1,35 @@
-//! Server-sent events to a client, written by the worker as the reply arrives.
+//! Server-sent events to a client, sent by the worker as the reply arrives.
 //!
-//! tiny_http buffers a response until it is complete, so a streamed reply takes the raw
-//! connection and frames each event as an HTTP/1.1 chunk itself: the client sees every event
-//! the moment it is flushed, and the connection stays usable for the next request afterwards.
-//! A failed write is how a worker learns that its client has gone.
+//! The worker hands each event to the connection's own thread (tiny_http's `ResponseStream`),
+//! which frames it as an HTTP/1.1 chunk and writes it: the client sees every event the moment
+//! it is written, the worker never writes to the socket itself, and the connection stays usable
+//! for the next request afterwards. A few events wait for the connection's thread at most; a
+//! failed send is how a worker learns that its client has gone, hung up or stopped reading for
+//! `client_timeout_secs`.
 
-use std::io::{self, Write};
+use std::io;
 
 /// An open `text/event-stream` response.
 pub struct EventStream {
-    out: Box<dyn Write + Send>,
+    out: tiny_http::ResponseStream,
 }
 
 impl EventStream {
-    /// Sends the 200 head and takes over the connection.
-    pub fn start(request: tiny_http::Request, request_id: &str) -> io::Result<EventStream> {
-        let mut out = request.into_writer();
-        write!(
-            out,
-            "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n\
-             X-Request-Id: {request_id}\r\nTransfer-Encoding: chunked\r\n\r\n"
-        )?;
-        out.flush()?;
-        Ok(EventStream { out })
+    /// Hands the 200 head over to the connection.
+    pub fn start(request: tiny_http::Request, request_id: &str) -> EventStream {
+        let headers = [
+            ("Content-Type", "text/event-stream"),
+            ("Cache-Control", "no-cache"),
+            ("X-Request-Id", request_id),
+        ]
+        .iter()
+        .filter_map(|(name, value)| {
+            tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes()).ok()
+        })
+        .collect();
+        EventStream {
+            out: request.stream(tiny_http::StatusCode(200), headers),
+        }
     }
 
     /// Sends one event: `event: NAME` when named, then `data: DATA`.
@@ -31,13 +38,11 @@ impl EventStream {
             Some(name) => format!("event: {name}\ndata: {data}\n\n"),
             None => format!("data: {data}\n\n"),
         };
-        write!(self.out, "{:x}\r\n{payload}\r\n", payload.len())?;
-        self.out.flush()
+        self.out.send(payload.as_bytes())
     }
 
     /// Ends the response; the connection can carry the next request.
-    pub fn finish(mut self) -> io::Result<()> {
-        self.out.write_all(b"0\r\n\r\n")?;
-        self.out.flush()
+    pub fn finish(self) -> io::Result<()> {
+        self.out.finish()
     }
 }

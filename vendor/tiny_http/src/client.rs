@@ -1,362 +1,213 @@
-use ascii::AsciiString;
+//! One client connection, served by its own thread from the first byte to the close.
+//!
+//! The thread does all of the connection's I/O and nothing else touches the socket: it reads a
+//! request whole (head and body, within the limits), hands it over, waits for the answer while
+//! watching the socket for a hang-up, writes the answer, and only then reads the next request.
+//! Whoever answers never waits on the client, and a client that pipelines requests or stops
+//! reading holds only this thread.
 
-use std::io::Error as IoError;
-use std::io::Result as IoResult;
-use std::io::{BufReader, BufWriter, ErrorKind, Read, Write};
-
+use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::SocketAddr;
-use std::str::FromStr;
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
+use std::time::Duration;
 
-use crate::common::{HTTPVersion, Method};
+use crate::common::HTTPVersion;
 use crate::limits::{ConnectionLimits, Refusal};
+use crate::parse::{self, Body, Framing, ReadError};
+use crate::request::{Piece, Reply};
 use crate::util::RefinedTcpStream;
-use crate::util::{SequentialReader, SequentialReaderBuilder, SequentialWriterBuilder};
 use crate::Request;
 
-/// A ClientConnection is an object that will store a socket to a client
-/// and return Request objects.
+/// How often a connection waiting for an answer looks whether its client has hung up.
+const WATCH_EVERY: Duration = Duration::from_millis(50);
+
+/// What a client may still send after a refusal or an unread body, read and dropped before
+/// the close, and for how long: closing a socket with unread data resets the connection, and
+/// the reset can destroy the response before the client reads it.
+const DRAIN_BYTES: usize = 1 << 20;
+const DRAIN_FOR: Duration = Duration::from_millis(200);
+
+/// A client connection: the buffered halves of its socket and the limits it keeps to.
 pub struct ClientConnection {
-    // address of the client
-    remote_addr: IoResult<Option<SocketAddr>>,
-
-    // sequence of Readers to the stream, so that the data is not read in
-    //  the wrong order
-    source: SequentialReaderBuilder<BufReader<RefinedTcpStream>>,
-
-    // sequence of Writers to the stream, to avoid writing response #2 before
-    //  response #1
-    sink: SequentialWriterBuilder<BufWriter<RefinedTcpStream>>,
-
-    // Reader to read the next header from
-    next_header_source: SequentialReader<BufReader<RefinedTcpStream>>,
-
-    // set to true if we know that the previous request is the last one
-    no_more_requests: bool,
-
-    // chatpool patch: the last request's body was over the limit and is still unread
-    left_body_unread: bool,
-
-    // chatpool patch: each request handed out notifies this channel once answered, so that
-    // an idle timeout can tell a silent client from one waiting for its answer
-    responded: (Sender<()>, Receiver<()>),
-    unanswered: usize,
-
-    // chatpool patch
+    remote_addr: Option<SocketAddr>,
+    reader: BufReader<RefinedTcpStream>,
+    writer: BufWriter<RefinedTcpStream>,
     limits: Arc<ConnectionLimits>,
 }
 
-/// Error that can happen when reading a request.
-#[derive(Debug)]
-enum ReadError {
-    WrongRequestLine,
-    /// chatpool patch: answered with this refusal, then the connection closes.
-    Refused(Refusal),
-    /// chatpool patch: the client sent nothing of a next request before the timeout.
-    Idle,
-    /// The client closed the connection, or its socket failed.
-    ReadIoError,
-}
-
-/// chatpool patch: a read that hit the socket's timeout (`WouldBlock` on Unix).
-fn is_timeout(e: &IoError) -> bool {
-    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
+/// How an answer went out.
+enum Written {
+    /// Whole; the connection may carry another request.
+    Reusable,
+    /// Whole, but its framing ends the connection.
+    Final,
+    /// Not whole: the client left or stopped reading, or the answer was cut off.
+    Failed,
 }
 
 impl ClientConnection {
-    /// Creates a new `ClientConnection` that takes ownership of the `TcpStream`.
+    /// A connection over the two halves of an accepted socket.
     pub fn new(
         write_socket: RefinedTcpStream,
         mut read_socket: RefinedTcpStream,
         limits: Arc<ConnectionLimits>,
     ) -> ClientConnection {
-        let remote_addr = read_socket.peer_addr();
-
-        let mut source = SequentialReaderBuilder::new(BufReader::with_capacity(1024, read_socket));
-        let first_header = source.next().unwrap();
-
         ClientConnection {
-            source,
-            sink: SequentialWriterBuilder::new(BufWriter::with_capacity(1024, write_socket)),
-            remote_addr,
-            next_header_source: first_header,
-            no_more_requests: false,
-            left_body_unread: false,
-            responded: mpsc::channel(),
-            unanswered: 0,
+            remote_addr: read_socket.peer_addr().ok().flatten(),
+            reader: BufReader::with_capacity(1024, read_socket),
+            writer: BufWriter::with_capacity(1024, write_socket),
             limits,
         }
     }
 
-    /// chatpool patch: counts the requests answered since the last look; with `wait`, blocks
-    /// until every request handed out is answered.
-    fn collect_answers(&mut self, wait: bool) {
-        while self.unanswered > 0 {
-            let answered = if wait {
-                self.responded.1.recv().is_ok()
-            } else {
-                self.responded.1.try_recv().is_ok()
+    /// Serves the connection until it closes: each request read is given to `hand_over`, and
+    /// its answer written before the next is read.
+    pub fn serve(mut self, hand_over: impl Fn(Request)) {
+        loop {
+            let (request, answer, keep_alive) = match self.read_request() {
+                Ok(read) => read,
+                Err(ReadError::Refused(refusal)) => {
+                    self.refuse(refusal);
+                    return self.drain();
+                }
+                Err(ReadError::Idle | ReadError::Closed) => return,
             };
-            if !answered {
-                return;
+            let too_long = request.body_exceeds_limit();
+            let hangup = request.hangup();
+            hand_over(request);
+            let written = match self.wait(&answer, &hangup) {
+                Some(Reply::Whole(bytes)) => self.write(&bytes),
+                Some(Reply::Stream {
+                    head,
+                    chunked,
+                    pieces,
+                }) => self.relay(&head, chunked, &pieces, &hangup),
+                None => Written::Failed,
+            };
+            match written {
+                Written::Failed => return hangup.store(true, Ordering::SeqCst),
+                _ if too_long => return self.drain(),
+                Written::Final => return,
+                Written::Reusable if !keep_alive => return,
+                Written::Reusable => {}
             }
-            self.unanswered -= 1;
         }
     }
 
-    /// chatpool patch: after a request whose body was too long to read, reads and drops what
-    /// the client still sends, for a moment, before the connection closes. Closing a socket
-    /// with unread data resets the connection, and the reset can destroy the response before
-    /// the client reads it. Call once the iterator has ended (every answer is out by then).
-    pub fn drain_unread_body(&mut self) {
-        const DRAIN_BYTES: usize = 1 << 20;
-        if !self.left_body_unread {
-            return;
+    /// Reads a request whole: (the request, where its answer arrives, whether the client
+    /// keeps the connection alive after it).
+    fn read_request(&mut self) -> Result<(Request, Receiver<Reply>, bool), ReadError> {
+        let head = parse::read_head(&mut self.reader, self.limits.max_head_bytes)?;
+        let expects_continue = head.expects_continue()?;
+        let framing = parse::framing(&head)?;
+        let limit = self.limits.max_body_bytes;
+        let body_wanted = match framing {
+            Framing::Empty => false,
+            Framing::Length(n) => n <= limit as u64,
+            Framing::Chunked => true,
+        };
+        if expects_continue && body_wanted {
+            let sent = write!(self.writer, "HTTP/1.1 100 Continue\r\n\r\n")
+                .and_then(|()| self.writer.flush());
+            sent.map_err(|_| ReadError::Closed)?;
         }
-        self.sink.with_inner(|writer| {
-            writer.flush().ok();
-            writer
-                .get_mut()
-                .end_for_drain(std::time::Duration::from_millis(200));
-        });
+        let body = parse::read_body(&mut self.reader, framing, limit)?;
+        let keep_alive = head.keeps_alive() && body != Body::TooLong;
+        let (request, answer) = Request::new(head, self.remote_addr, body);
+        Ok((request, answer, keep_alive))
+    }
+
+    /// Waits for the answer, looking every [`WATCH_EVERY`] whether the client has hung up;
+    /// `None` if it has.
+    fn wait(&mut self, answer: &Receiver<Reply>, hangup: &AtomicBool) -> Option<Reply> {
+        loop {
+            match answer.recv_timeout(WATCH_EVERY) {
+                Ok(reply) => return Some(reply),
+                Err(RecvTimeoutError::Disconnected) => return None,
+                Err(RecvTimeoutError::Timeout) => {
+                    if self.reader.get_ref().hung_up() {
+                        hangup.store(true, Ordering::SeqCst);
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Written {
+        match self.writer.write_all(bytes).and_then(|()| self.writer.flush()) {
+            Ok(()) => Written::Reusable,
+            Err(_) => Written::Failed,
+        }
+    }
+
+    /// Writes a streamed answer piece by piece as the pieces arrive. On failure the hang-up
+    /// flag is set before the pieces' channel closes, so the sender that finds it closed also
+    /// finds the flag set.
+    fn relay(
+        &mut self,
+        head: &[u8],
+        chunked: bool,
+        pieces: &Receiver<Piece>,
+        hangup: &AtomicBool,
+    ) -> Written {
+        let written = self.relay_pieces(head, chunked, pieces);
+        if let Written::Failed = written {
+            hangup.store(true, Ordering::SeqCst);
+        }
+        written
+    }
+
+    fn relay_pieces(&mut self, head: &[u8], chunked: bool, pieces: &Receiver<Piece>) -> Written {
+        if let Written::Failed = self.write(head) {
+            return Written::Failed;
+        }
+        loop {
+            let sent = match pieces.recv_timeout(WATCH_EVERY) {
+                Ok(Piece::Data(data)) if chunked => {
+                    write!(self.writer, "{:x}\r\n", data.len())
+                        .and_then(|()| self.writer.write_all(&data))
+                        .and_then(|()| self.writer.write_all(b"\r\n"))
+                }
+                Ok(Piece::Data(data)) => self.writer.write_all(&data),
+                Ok(Piece::End) if chunked => return self.write(b"0\r\n\r\n"),
+                Ok(Piece::End) => return Written::Final,
+                Err(RecvTimeoutError::Timeout) if !self.reader.get_ref().hung_up() => continue,
+                Err(RecvTimeoutError::Timeout) => return Written::Failed,
+                Err(RecvTimeoutError::Disconnected) => return Written::Failed,
+            };
+            if sent.and_then(|()| self.writer.flush()).is_err() {
+                return Written::Failed;
+            }
+        }
+    }
+
+    /// Answers with a refusal; the connection closes after it, since where the next request
+    /// would start is unknown.
+    fn refuse(&mut self, refusal: Refusal) {
+        let response = (self.limits.respond)(refusal).with_connection_close();
+        if response
+            .raw_print(&mut self.writer, HTTPVersion(1, 1), &[], false, None)
+            .is_ok()
+        {
+            self.writer.flush().ok();
+        }
+    }
+
+    /// Ends the connection after an answer the client may still be sending into: a FIN, then
+    /// what the client still sends is read and dropped for a moment (see [`DRAIN_BYTES`]).
+    fn drain(mut self) {
+        self.writer.flush().ok();
+        self.writer.get_mut().end_for_drain(DRAIN_FOR);
         let mut buf = [0u8; 8192];
         let mut drained = 0;
         while drained < DRAIN_BYTES {
-            match self.next_header_source.read(&mut buf) {
+            match self.reader.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => drained += n,
             }
         }
-    }
-
-    /// Reads the next line from self.next_header_source, taking its bytes from `budget`.
-    ///
-    /// Reads until `CRLF` is reached. The next read will start
-    ///  at the first byte of the new line.
-    fn read_next_line(
-        &mut self,
-        budget: &mut usize,
-        too_long: Refusal,
-        first_of_request: bool,
-    ) -> Result<AsciiString, ReadError> {
-        let mut buf = Vec::new();
-        let mut prev_byte_was_cr = false;
-
-        loop {
-            let byte = match self.next_header_source.by_ref().bytes().next() {
-                Some(Ok(b)) => b,
-                Some(Err(e)) if is_timeout(&e) => {
-                    return Err(if first_of_request && buf.is_empty() {
-                        ReadError::Idle
-                    } else {
-                        ReadError::Refused(Refusal::Timeout)
-                    })
-                }
-                Some(Err(_)) => return Err(ReadError::ReadIoError),
-                None => {
-                    return Err(ReadError::ReadIoError);
-                }
-            };
-
-            if byte == b'\n' && prev_byte_was_cr {
-                buf.pop(); // removing the '\r'
-                return AsciiString::from_ascii(buf).map_err(|_| {
-                    ReadError::Refused(Refusal::BadRequest("the request head is not ASCII"))
-                });
-            }
-
-            prev_byte_was_cr = byte == b'\r';
-
-            *budget = budget.checked_sub(1).ok_or(ReadError::Refused(too_long))?;
-            buf.push(byte);
-        }
-    }
-
-    /// Reads a request from the stream.
-    /// Blocks until the header has been read.
-    fn read(&mut self) -> Result<Request, ReadError> {
-        let mut budget = self.limits.max_head_bytes;
-        let line = self.read_next_line(&mut budget, Refusal::UriTooLong, true)?;
-        let (method, path, version) = parse_request_line(line.as_str().trim())?;
-
-        let mut headers = Vec::new();
-        loop {
-            let line = self.read_next_line(&mut budget, Refusal::HeadersTooLarge, false)?;
-            if line.is_empty() {
-                break;
-            }
-            headers.push(FromStr::from_str(line.as_str().trim()).map_err(|_| {
-                ReadError::Refused(Refusal::BadRequest("a header line is malformed"))
-            })?);
-        }
-
-        // building the writer for the request
-        let writer = self.sink.next().unwrap();
-
-        // follow-up for next potential request
-        let mut data_source = self.source.next().unwrap();
-        std::mem::swap(&mut self.next_header_source, &mut data_source);
-
-        // building the next reader
-        crate::request::new_request(
-            method,
-            path,
-            version,
-            headers,
-            *self.remote_addr.as_ref().unwrap(),
-            data_source,
-            writer,
-            self.limits.max_body_bytes,
-        )
-        .map_err(|e| {
-            use crate::request::RequestCreationError;
-            match e {
-                RequestCreationError::CreationIoError(e) if is_timeout(&e) => {
-                    ReadError::Refused(Refusal::Timeout)
-                }
-                RequestCreationError::CreationIoError(_) => ReadError::ReadIoError,
-                RequestCreationError::ExpectationFailed => {
-                    ReadError::Refused(Refusal::ExpectationFailed)
-                }
-                RequestCreationError::MalformedBody => {
-                    ReadError::Refused(Refusal::BadRequest("the chunked body is malformed"))
-                }
-            }
-        })
-    }
-
-    /// chatpool patch: answers with a refusal; the connection closes after it, since where
-    /// the next request would start is unknown.
-    fn refuse(&mut self, refusal: Refusal) {
-        let mut writer = self.sink.next().unwrap();
-        let response = (self.limits.respond)(refusal).with_connection_close();
-        if response
-            .raw_print(&mut writer, HTTPVersion(1, 1), &[], false, None)
-            .is_ok()
-        {
-            writer.flush().ok();
-        }
-    }
-}
-
-impl Iterator for ClientConnection {
-    type Item = Request;
-
-    /// Blocks until the next Request is available.
-    /// Returns None when no new Requests will come from the client.
-    fn next(&mut self) -> Option<Request> {
-        // the client sent a "connection: close" header in this previous request
-        //  or is using HTTP 1.0, meaning that no new request will come
-        if self.no_more_requests {
-            // chatpool patch: the caller may close the connection once this returns
-            self.collect_answers(true);
-            return None;
-        }
-        let read = loop {
-            match self.read() {
-                // chatpool patch: silence while a request is still being answered is not
-                // idleness; the connection is idle once every answer is out.
-                Err(ReadError::Idle) => {
-                    self.collect_answers(false);
-                    if self.unanswered == 0 {
-                        return None;
-                    }
-                }
-                read => break read,
-            }
-        };
-        let rq = match read {
-            Ok(rq) => rq,
-            Err(ReadError::Idle) | Err(ReadError::ReadIoError) => return None,
-            Err(ReadError::WrongRequestLine) => {
-                self.refuse(Refusal::BadRequest("the request line is malformed"));
-                return None;
-            }
-            Err(ReadError::Refused(refusal)) => {
-                self.refuse(refusal);
-                return None;
-            }
-        };
-
-        // checking HTTP version
-        if *rq.http_version() > (1, 1) {
-            let response = (self.limits.respond)(Refusal::VersionNotSupported);
-            rq.respond(response.with_connection_close()).ok();
-            return None;
-        }
-
-        // updating the status of the connection
-        let connection_header = rq
-            .headers()
-            .iter()
-            .find(|h| h.field.equiv("Connection"))
-            .map(|h| h.value.as_str());
-
-        let lowercase = connection_header.map(|h| h.to_ascii_lowercase());
-
-        match lowercase {
-            Some(ref val) if val.contains("close") => self.no_more_requests = true,
-            Some(ref val) if val.contains("upgrade") => self.no_more_requests = true,
-            Some(ref val)
-                if !val.contains("keep-alive") && *rq.http_version() == HTTPVersion(1, 0) =>
-            {
-                self.no_more_requests = true
-            }
-            None if *rq.http_version() == HTTPVersion(1, 0) => self.no_more_requests = true,
-            _ => (),
-        };
-
-        if rq.body_exceeds_limit() {
-            self.no_more_requests = true;
-            self.left_body_unread = true;
-        }
-
-        // returning the request
-        self.unanswered += 1;
-        Some(rq.with_notify_sender(self.responded.0.clone()))
-    }
-}
-
-/// Parses a "HTTP/1.1" string.
-fn parse_http_version(version: &str) -> Result<HTTPVersion, ReadError> {
-    let (major, minor) = match version {
-        "HTTP/0.9" => (0, 9),
-        "HTTP/1.0" => (1, 0),
-        "HTTP/1.1" => (1, 1),
-        "HTTP/2.0" => (2, 0),
-        "HTTP/3.0" => (3, 0),
-        _ => return Err(ReadError::WrongRequestLine),
-    };
-
-    Ok(HTTPVersion(major, minor))
-}
-
-/// Parses the request line of the request.
-/// eg. GET / HTTP/1.1
-fn parse_request_line(line: &str) -> Result<(Method, String, HTTPVersion), ReadError> {
-    let mut parts = line.split(' ');
-
-    let method = parts.next().and_then(|w| w.parse().ok());
-    let path = parts.next().map(ToOwned::to_owned);
-    let version = parts.next().and_then(|w| parse_http_version(w).ok());
-
-    method
-        .and_then(|method| Some((method, path?, version?)))
-        .ok_or(ReadError::WrongRequestLine)
-}
-
-#[cfg(test)]
-mod test {
-    #[test]
-    fn test_parse_request_line() {
-        let (method, path, ver) = super::parse_request_line("GET /hello HTTP/1.1").unwrap();
-
-        assert!(method == crate::Method::Get);
-        assert!(path == "/hello");
-        assert!(ver == crate::common::HTTPVersion(1, 1));
-
-        assert!(super::parse_request_line("GET /hello").is_err());
-        assert!(super::parse_request_line("qsd qsd qsd").is_err());
     }
 }

@@ -111,6 +111,28 @@ impl Connection {
         }
     }
 
+    /// Whether the peer has closed its side or reset the connection: a peek that finds the end
+    /// of the stream (unread bytes before it hide it). Only the connection's own thread calls
+    /// this, between its reads and writes, so switching the socket to non-blocking for the
+    /// peek disturbs no one. UNIX sockets cannot be peeked at on stable Rust: never hung up.
+    pub(crate) fn hung_up(&self) -> bool {
+        let Self::Tcp(s) = self else {
+            return false;
+        };
+        if s.set_nonblocking(true).is_err() {
+            return false;
+        }
+        let peeked = s.peek(&mut [0u8; 1]);
+        let _ = s.set_nonblocking(false);
+        match peeked {
+            Ok(n) => n == 0,
+            Err(e) => !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+            ),
+        }
+    }
+
     pub(crate) fn try_clone(&self) -> std::io::Result<Self> {
         match self {
             Self::Tcp(s) => s.try_clone().map(Self::from),

@@ -110,13 +110,15 @@ use util::MessagesQueue;
 pub use common::{HTTPVersion, Header, HeaderField, Method, StatusCode};
 pub use connection::{ConfigListenAddr, ListenAddr, Listener};
 pub use limits::{ConnectionLimits, Refusal, RefusalResponder};
-pub use request::{ReadWrite, Request};
+pub use parse::parse_request;
+pub use request::{Request, ResponseStream};
 pub use response::{Response, ResponseBox};
 
 mod client;
 mod common;
 mod connection;
 mod limits;
+mod parse;
 mod request;
 mod response;
 mod util;
@@ -289,11 +291,8 @@ impl Server {
                 let messages = inside_messages.clone();
                 let mut task = Some((client, slot));
                 tasks_pool.spawn(Box::new(move || {
-                    if let Some((mut client, _slot)) = task.take() {
-                        for rq in client.by_ref() {
-                            messages.push(rq.into());
-                        }
-                        client.drain_unread_body();
+                    if let Some((client, _slot)) = task.take() {
+                        client.serve(|rq| messages.push(rq.into()));
                     }
                 }));
             }

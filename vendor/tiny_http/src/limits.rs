@@ -1,8 +1,8 @@
-//! chatpool patch: limits on what one client connection may hold.
+//! Limits on what one client connection may hold, and the refusals that enforce them.
 //!
-//! Unpatched, tiny_http reads a request line and headers of any length, waits for a client's
-//! bytes forever, serves any number of connections (each on its own thread) and stops
-//! accepting at the first accept error. These limits bound all of that.
+//! tiny_http 0.12.0 read a request line and headers of any length, waited for a client's bytes
+//! forever, served any number of connections (each on its own thread) and stopped accepting at
+//! the first accept error. These limits bound all of that.
 
 use std::fmt;
 use std::io::Cursor;
@@ -24,6 +24,8 @@ pub enum Refusal {
     ExpectationFailed,
     /// 431: the headers are longer than the head limit.
     HeadersTooLarge,
+    /// 501: a transfer coding other than `chunked`.
+    NotImplemented(&'static str),
     /// 503: every connection slot is taken.
     TooManyConnections,
     /// 505: an HTTP version other than 1.0 and 1.1.
@@ -39,6 +41,7 @@ impl Refusal {
             Refusal::UriTooLong => 414,
             Refusal::ExpectationFailed => 417,
             Refusal::HeadersTooLarge => 431,
+            Refusal::NotImplemented(_) => 501,
             Refusal::TooManyConnections => 503,
             Refusal::VersionNotSupported => 505,
         }
@@ -48,7 +51,7 @@ impl Refusal {
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Refusal::BadRequest(why) => f.write_str(why),
+            Refusal::BadRequest(why) | Refusal::NotImplemented(why) => f.write_str(why),
             Refusal::Timeout => f.write_str("the request was not received in time"),
             Refusal::UriTooLong => f.write_str("the request line is too long"),
             Refusal::ExpectationFailed => f.write_str("only `Expect: 100-continue` is supported"),
@@ -75,12 +78,11 @@ pub struct ConnectionLimits {
     pub max_connections: usize,
     /// Longest request line, and longest request line plus headers, in bytes.
     pub max_head_bytes: usize,
-    /// With `Some(limit)`, bodies up to `limit` bytes (chunked ones too) are read whole on the
-    /// connection's own thread before the request is handed over, so whoever answers it never
-    /// waits on the client. Longer bodies are not read on: [`crate::Request::body_exceeds_limit`]
-    /// says so and the connection closes after the response. `None` streams bodies to the
-    /// request's reader as tiny_http always did.
-    pub max_body_bytes: Option<usize>,
+    /// Longest body. Bodies (chunked ones too) are read whole on the connection's own thread
+    /// before the request is handed over, so whoever answers it never waits on the client.
+    /// Longer bodies are not read on: [`crate::Request::body_exceeds_limit`] says so and the
+    /// connection closes after the response.
+    pub max_body_bytes: usize,
     /// Builds the response for each refusal.
     pub respond: RefusalResponder,
 }
@@ -97,13 +99,13 @@ impl fmt::Debug for ConnectionLimits {
 }
 
 impl Default for ConnectionLimits {
-    /// tiny_http's own behaviour: no timeout, no cap, bodies streamed, plain-text refusals.
+    /// No timeout, no cap on connections or heads, bodies up to 8 MiB, plain-text refusals.
     fn default() -> Self {
         ConnectionLimits {
             timeout: None,
             max_connections: usize::MAX,
             max_head_bytes: usize::MAX,
-            max_body_bytes: None,
+            max_body_bytes: 8 << 20,
             respond: Arc::new(|refusal| {
                 Response::from_string(refusal.to_string()).with_status_code(refusal.status())
             }),

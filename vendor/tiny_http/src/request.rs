@@ -1,301 +1,92 @@
-use std::io::Error as IoError;
-use std::io::{self, Cursor, ErrorKind, Read, Write};
-
 use std::fmt;
+use std::io::{self, Cursor, ErrorKind, Read};
 use std::net::SocketAddr;
-use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::Arc;
 
-use std::sync::mpsc::Sender;
-
-use crate::util::{EqualReader, FusedReader};
+use crate::parse::{Body, Head};
+use crate::response::write_message_header;
 use crate::{HTTPVersion, Header, Method, Response, StatusCode};
-use chunked_transfer::Decoder;
 
-/// Represents an HTTP request made by a client.
+/// An HTTP request made by a client, read whole (head and body) by its connection's thread.
 ///
-/// A `Request` object is what is produced by the server, and is your what
-/// your code must analyse and answer.
+/// A `Request` is `Send`: hand it to whichever thread answers it. Answering never touches the
+/// client's socket: [`Request::respond`] renders the response and hands it back to the
+/// connection's thread, which writes it, so no one but that thread ever waits on a slow or
+/// absent client. A connection reads its next request only once the previous one is answered
+/// and written: pipelined requests wait in the client's socket, one at a time.
 ///
-/// This object implements the `Send` trait, therefore you can dispatch your requests to
-/// worker threads.
+/// While a request waits for its answer, its connection watches the socket: a client that hangs
+/// up sets the request's [`hangup`](Request::hangup) flag, so whoever works on it can stop.
 ///
-/// # Pipelining
-///
-/// If a client sends multiple requests in a row (without waiting for the response), then you will
-/// get multiple `Request` objects simultaneously. This is called *requests pipelining*.
-/// Tiny-http automatically reorders the responses so that you don't need to worry about the order
-/// in which you call `respond` or `into_writer`.
-///
-/// This mechanic is disabled if:
-///
-///  - The body of a request is large enough (handling requires pipelining requires storing the
-///    body of the request in a buffer ; if the body is too big, tiny-http will avoid doing that)
-///  - A request sends a `Expect: 100-continue` header (which means that the client waits to
-///    know whether its body will be processed before sending it)
-///  - A request sends a `Connection: close` header or `Connection: upgrade` header (used for
-///    websockets), which indicates that this is the last request that will be received on this
-///    connection
-///
-/// # Automatic cleanup
-///
-/// If a `Request` object is destroyed without `into_writer` or `respond` being called,
-/// an empty response with a 500 status code (internal server error) will automatically be
-/// sent back to the client.
-/// This means that if your code fails during the handling of a request, this "internal server
-/// error" response will automatically be sent during the stack unwinding.
-///
+/// A `Request` dropped without an answer is answered with an empty 500.
 pub struct Request {
-    // where to read the body from
-    data_reader: Option<Box<dyn Read + Send + 'static>>,
-
-    // if this writer is empty, then the request has been answered
-    response_writer: Option<Box<dyn Write + Send + 'static>>,
-
-    remote_addr: Option<SocketAddr>,
-
     method: Method,
-
     path: String,
-
     http_version: HTTPVersion,
-
-    headers: Vec<Header>,
-
-    body_length: Option<usize>,
-
-    // chatpool patch: the body is longer than the limit and was not read
-    body_exceeds_limit: bool,
-
-    // true if a `100 Continue` response must be sent when `as_reader()` is called
-    must_send_continue: bool,
-
-    // If Some, a message must be sent after responding
-    notify_when_responded: Option<Sender<()>>,
-}
-
-struct NotifyOnDrop<R> {
-    sender: Sender<()>,
-    inner: R,
-}
-
-impl<R: Read> Read for NotifyOnDrop<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.inner.read(buf)
-    }
-}
-impl<R: Write> Write for NotifyOnDrop<R> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.inner.write(buf)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-impl<R> Drop for NotifyOnDrop<R> {
-    fn drop(&mut self) {
-        let _ = self.sender.send(());
-    }
-}
-
-/// Error that can happen when building a `Request` object.
-#[derive(Debug)]
-pub enum RequestCreationError {
-    /// The client sent an `Expect` header that was not recognized by tiny-http.
-    ExpectationFailed,
-    /// chatpool patch: the chunked body is malformed.
-    MalformedBody,
-
-    /// Error while reading data from the socket during the creation of the `Request`.
-    CreationIoError(IoError),
-}
-
-impl From<IoError> for RequestCreationError {
-    fn from(err: IoError) -> RequestCreationError {
-        RequestCreationError::CreationIoError(err)
-    }
-}
-
-/// Builds a new request.
-///
-/// After the request line and headers have been read from the socket, a new `Request` object
-/// is built.
-///
-/// You must pass a `Read` that will allow the `Request` object to read from the incoming data.
-/// It is the responsibility of the `Request` to read only the data of the request and not further.
-///
-/// The `Write` object will be used by the `Request` to write the response.
-#[allow(clippy::too_many_arguments)]
-pub fn new_request<R, W>(
-    method: Method,
-    path: String,
-    version: HTTPVersion,
     headers: Vec<Header>,
     remote_addr: Option<SocketAddr>,
-    mut source_data: R,
-    mut writer: W,
-    body_limit: Option<usize>,
-) -> Result<Request, RequestCreationError>
-where
-    R: Read + Send + 'static,
-    W: Write + Send + 'static,
-{
-    // finding the transfer-encoding header
-    let transfer_encoding = headers
-        .iter()
-        .find(|h: &&Header| h.field.equiv("Transfer-Encoding"))
-        .map(|h| h.value.clone());
-
-    // finding the content-length header
-    let content_length = if transfer_encoding.is_some() {
-        // if transfer-encoding is specified, the Content-Length
-        // header must be ignored (RFC2616 #4.4)
-        None
-    } else {
-        headers
-            .iter()
-            .find(|h: &&Header| h.field.equiv("Content-Length"))
-            .and_then(|h| FromStr::from_str(h.value.as_str()).ok())
-    };
-
-    // true if the client sent a `Expect: 100-continue` header
-    let expects_continue = {
-        match headers
-            .iter()
-            .find(|h: &&Header| h.field.equiv("Expect"))
-            .map(|h| h.value.as_str())
-        {
-            None => false,
-            Some(v) if v.eq_ignore_ascii_case("100-continue") => true,
-            _ => return Err(RequestCreationError::ExpectationFailed),
-        }
-    };
-
-    // true if the client sent a `Connection: upgrade` header
-    let connection_upgrade = {
-        match headers
-            .iter()
-            .find(|h: &&Header| h.field.equiv("Connection"))
-            .map(|h| h.value.as_str())
-        {
-            Some(v) if v.to_ascii_lowercase().contains("upgrade") => true,
-            _ => false,
-        }
-    };
-
-    // chatpool patch: with a body limit, the body is read here, on the connection's thread, so
-    // that whoever answers the request never waits on the client; a body over the limit is
-    // not read on, and the connection closes after the response.
-    let mut body_exceeds_limit = false;
-    let has_body = transfer_encoding.is_some() || content_length.is_some_and(|n| n > 0);
-    let reader = if let (Some(limit), false, true) = (body_limit, connection_upgrade, has_body) {
-        if content_length.is_some_and(|n| n > limit) {
-            body_exceeds_limit = true;
-            Box::new(io::empty()) as Box<dyn Read + Send + 'static>
-        } else {
-            if expects_continue {
-                Response::new_empty(StatusCode(100))
-                    .raw_print(&mut writer, version.clone(), &headers, true, None)
-                    .map_err(RequestCreationError::CreationIoError)?;
-                writer.flush().map_err(RequestCreationError::CreationIoError)?;
-            }
-            let body = read_whole_body(&mut source_data, content_length, limit)?;
-            if body.len() > limit {
-                body_exceeds_limit = true;
-                Box::new(io::empty()) as Box<dyn Read + Send + 'static>
-            } else {
-                Box::new(Cursor::new(body)) as Box<dyn Read + Send + 'static>
-            }
-        }
-    } else if connection_upgrade {
-        // if we have a `Connection: upgrade`, always keeping the whole reader
-        Box::new(source_data) as Box<dyn Read + Send + 'static>
-    } else if let Some(content_length) = content_length {
-        if content_length == 0 {
-            Box::new(io::empty()) as Box<dyn Read + Send + 'static>
-        } else if content_length <= 1024 && !expects_continue {
-            // if the content-length is small enough, we just read everything into a buffer
-
-            let mut buffer = vec![0; content_length];
-            let mut offset = 0;
-
-            while offset != content_length {
-                let read = source_data.read(&mut buffer[offset..])?;
-                if read == 0 {
-                    // the socket returned EOF, but we were before the expected content-length
-                    // aborting
-                    let info = "Connection has been closed before we received enough data";
-                    let err = IoError::new(ErrorKind::ConnectionAborted, info);
-                    return Err(RequestCreationError::CreationIoError(err));
-                }
-
-                offset += read;
-            }
-
-            Box::new(Cursor::new(buffer)) as Box<dyn Read + Send + 'static>
-        } else {
-            let (data_reader, _) = EqualReader::new(source_data, content_length); // TODO:
-            Box::new(FusedReader::new(data_reader)) as Box<dyn Read + Send + 'static>
-        }
-    } else if transfer_encoding.is_some() {
-        // if a transfer-encoding was specified, then "chunked" is ALWAYS applied
-        // over the message (RFC2616 #3.6)
-        Box::new(FusedReader::new(Decoder::new(source_data))) as Box<dyn Read + Send + 'static>
-    } else {
-        // if we have neither a Content-Length nor a Transfer-Encoding,
-        // assuming that we have no data
-        // TODO: could also be multipart/byteranges
-        Box::new(io::empty()) as Box<dyn Read + Send + 'static>
-    };
-
-    Ok(Request {
-        data_reader: Some(reader),
-        response_writer: Some(Box::new(writer) as Box<dyn Write + Send + 'static>),
-        remote_addr,
-        method,
-        path,
-        http_version: version,
-        headers,
-        body_length: content_length,
-        body_exceeds_limit,
-        must_send_continue: expects_continue && body_limit.is_none(),
-        notify_when_responded: None,
-    })
+    body: Cursor<Vec<u8>>,
+    body_length: Option<usize>,
+    body_exceeds_limit: bool,
+    /// Where the answer goes; `None` once answered.
+    reply: Option<SyncSender<Reply>>,
+    hangup: Arc<AtomicBool>,
 }
 
-/// Reads a body of `content_length` bytes, or a chunked one when that is `None`, stopping after
-/// `limit + 1` bytes of content (the caller tells "over the limit" by the length).
-fn read_whole_body<R: Read>(
-    source: &mut R,
-    content_length: Option<usize>,
-    limit: usize,
-) -> Result<Vec<u8>, RequestCreationError> {
-    let mut body = Vec::new();
-    let result = match content_length {
-        Some(n) => source.take(n as u64).read_to_end(&mut body).and_then(|read| {
-            if read < n {
-                let info = "Connection has been closed before we received enough data";
-                Err(IoError::new(ErrorKind::ConnectionAborted, info))
-            } else {
-                Ok(read)
-            }
-        }),
-        None => {
-            // Chunk framing costs a few bytes a chunk; the bound on raw bytes keeps a chunk-size
-            // line that never ends from growing without limit.
-            let raw_limit = limit.saturating_mul(8).saturating_add(65536) as u64;
-            Decoder::new(source.take(raw_limit))
-                .take(limit as u64 + 1)
-                .read_to_end(&mut body)
-        }
-    };
-    match result {
-        Ok(_) => Ok(body),
-        Err(e) if e.kind() == ErrorKind::InvalidInput => Err(RequestCreationError::MalformedBody),
-        Err(e) => Err(RequestCreationError::CreationIoError(e)),
-    }
+/// An answer on its way to the connection's thread.
+pub(crate) enum Reply {
+    /// A whole response, rendered.
+    Whole(Vec<u8>),
+    /// A response head, then its body piece by piece.
+    Stream {
+        head: Vec<u8>,
+        /// Whether each piece goes out as an HTTP/1.1 chunk (else the connection closes after
+        /// the last, for an HTTP/1.0 client).
+        chunked: bool,
+        pieces: Receiver<Piece>,
+    },
 }
+
+/// A piece of a streamed body.
+pub(crate) enum Piece {
+    Data(Vec<u8>),
+    /// The body is complete.
+    End,
+}
+
+/// Pieces of a streamed body waiting for the connection's thread; past them,
+/// [`ResponseStream::send`] waits.
+const STREAM_PIECES: usize = 16;
 
 impl Request {
+    /// A request read off a connection, and the receiving end of its answer.
+    pub(crate) fn new(
+        head: Head,
+        remote_addr: Option<SocketAddr>,
+        body: Body,
+    ) -> (Request, Receiver<Reply>) {
+        let (reply, answer) = mpsc::sync_channel(1);
+        let (body, body_exceeds_limit) = match body {
+            Body::Whole(body) => (body, false),
+            Body::TooLong => (Vec::new(), true),
+        };
+        let request = Request {
+            method: head.method,
+            path: head.path,
+            http_version: head.version,
+            headers: head.headers,
+            remote_addr,
+            body_length: (!body_exceeds_limit).then_some(body.len()),
+            body: Cursor::new(body),
+            body_exceeds_limit,
+            reply: Some(reply),
+            hangup: Arc::new(AtomicBool::new(false)),
+        };
+        (request, answer)
+    }
+
     /// Returns the method requested by the client (eg. `GET`, `POST`, etc.).
     #[inline]
     pub fn method(&self) -> &Method {
@@ -320,15 +111,13 @@ impl Request {
         &self.http_version
     }
 
-    /// Returns the length of the body in bytes.
-    ///
-    /// Returns `None` if the length is unknown.
+    /// The length of the body in bytes; `None` when it was over the limit and not read.
     #[inline]
     pub fn body_length(&self) -> Option<usize> {
         self.body_length
     }
 
-    /// chatpool patch: whether the body is longer than the server's body limit (declared so by
+    /// Whether the body is longer than the server's body limit (declared so by
     /// `Content-Length`, or found so while reading a chunked body). Such a body is not read, the
     /// request's reader is empty, and the connection closes after the response.
     #[inline]
@@ -336,204 +125,125 @@ impl Request {
         self.body_exceeds_limit
     }
 
-    /// Returns the address of the client that sent this request.
-    ///
-    /// The address is always `Some` for TCP listeners, but always `None` for UNIX listeners
-    /// (as the remote address of a UNIX client is almost always unnamed).
-    ///
-    /// Note that this is gathered from the socket. If you receive the request from a proxy,
-    /// this function will return the address of the proxy and not the address of the actual
-    /// user.
+    /// The address of the client (`None` on a UNIX socket). Behind a proxy, the proxy's.
     #[inline]
     pub fn remote_addr(&self) -> Option<&SocketAddr> {
         self.remote_addr.as_ref()
     }
 
-    /// Sends a response with a `Connection: upgrade` header, then turns the `Request` into a `Stream`.
-    ///
-    /// The main purpose of this function is to support websockets.
-    /// If you detect that the request wants to use some kind of protocol upgrade, you can
-    ///  call this function to obtain full control of the socket stream.
-    ///
-    /// If you call this on a non-websocket request, tiny-http will wait until this `Stream` object
-    ///  is destroyed before continuing to read or write on the socket. Therefore you should always
-    ///  destroy it as soon as possible.
-    pub fn upgrade<R: Read>(
-        mut self,
-        protocol: &str,
-        response: Response<R>,
-    ) -> Box<dyn ReadWrite + Send> {
-        use crate::util::CustomStream;
-
-        response
-            .raw_print(
-                self.response_writer.as_mut().unwrap().by_ref(),
-                self.http_version.clone(),
-                &self.headers,
-                false,
-                Some(protocol),
-            )
-            .ok(); // TODO: unused result
-
-        self.response_writer.as_mut().unwrap().flush().ok(); // TODO: unused result
-
-        let stream = CustomStream::new(self.extract_reader_impl(), self.extract_writer_impl());
-        if let Some(sender) = self.notify_when_responded.take() {
-            let stream = NotifyOnDrop {
-                sender,
-                inner: stream,
-            };
-            Box::new(stream) as Box<dyn ReadWrite + Send>
-        } else {
-            Box::new(stream) as Box<dyn ReadWrite + Send>
-        }
-    }
-
-    /// Allows to read the body of the request.
-    ///
-    /// # Example
-    ///
-    /// ```no_run
-    /// # extern crate rustc_serialize;
-    /// # extern crate tiny_http;
-    /// # use rustc_serialize::json::Json;
-    /// # use std::io::Read;
-    /// # fn get_content_type(_: &tiny_http::Request) -> &'static str { "" }
-    /// # fn main() {
-    /// # let server = tiny_http::Server::http("0.0.0.0:0").unwrap();
-    /// let mut request = server.recv().unwrap();
-    ///
-    /// if get_content_type(&request) == "application/json" {
-    ///     let mut content = String::new();
-    ///     request.as_reader().read_to_string(&mut content).unwrap();
-    ///     let json: Json = content.parse().unwrap();
-    /// }
-    /// # }
-    /// ```
-    ///
-    /// If the client sent a `Expect: 100-continue` header with the request, calling this
-    ///  function will send back a `100 Continue` response.
+    /// The body, already read whole.
     #[inline]
     pub fn as_reader(&mut self) -> &mut dyn Read {
-        if self.must_send_continue {
-            let msg = Response::new_empty(StatusCode(100));
-            msg.raw_print(
-                self.response_writer.as_mut().unwrap().by_ref(),
-                self.http_version.clone(),
-                &self.headers,
-                true,
-                None,
-            )
-            .ok();
-            self.response_writer.as_mut().unwrap().flush().ok();
-            self.must_send_continue = false;
-        }
-
-        self.data_reader.as_mut().unwrap()
+        &mut self.body
     }
 
-    /// Turns the `Request` into a writer.
-    ///
-    /// The writer has a raw access to the stream to the user.
-    /// This function is useful for things like CGI.
-    ///
-    /// Note that the destruction of the `Writer` object may trigger
-    /// some events. For exemple if a client has sent multiple requests and the requests
-    /// have been processed in parallel, the destruction of a writer will trigger
-    /// the writing of the next response.
-    /// Therefore you should always destroy the `Writer` as soon as possible.
-    #[inline]
-    pub fn into_writer(mut self) -> Box<dyn Write + Send + 'static> {
-        let writer = self.extract_writer_impl();
-        if let Some(sender) = self.notify_when_responded.take() {
-            let writer = NotifyOnDrop {
-                sender,
-                inner: writer,
-            };
-            Box::new(writer) as Box<dyn Write + Send + 'static>
-        } else {
-            writer
-        }
+    /// Set once the client hangs up while this request waits for its answer, or while a
+    /// streamed answer is being written; the answer then goes nowhere, so work on it can stop.
+    pub fn hangup(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.hangup)
     }
 
-    /// Extract the response `Writer` object from the Request, dropping this `Writer` has the same side effects
-    /// as the object returned by `into_writer` above.
-    ///
-    /// This may only be called once on a single request.
-    fn extract_writer_impl(&mut self) -> Box<dyn Write + Send + 'static> {
-        use std::mem;
-
-        assert!(self.response_writer.is_some());
-
-        let mut writer = None;
-        mem::swap(&mut self.response_writer, &mut writer);
-        writer.unwrap()
+    /// Whether the client has hung up (see [`Request::hangup`]).
+    pub fn client_gone(&self) -> bool {
+        self.hangup.load(Ordering::SeqCst)
     }
 
-    /// Extract the body `Reader` object from the Request.
-    ///
-    /// This may only be called once on a single request.
-    fn extract_reader_impl(&mut self) -> Box<dyn Read + Send + 'static> {
-        use std::mem;
-
-        assert!(self.data_reader.is_some());
-
-        let mut reader = None;
-        mem::swap(&mut self.data_reader, &mut reader);
-        reader.unwrap()
+    /// Answers the request: renders `response` (reading its body whole) and hands it to the
+    /// connection's thread, without waiting for the client. Fails only if the body cannot be
+    /// read; a client that has gone away is not an error.
+    pub fn respond<R: Read>(mut self, response: Response<R>) -> io::Result<()> {
+        let Some(reply) = self.reply.take() else {
+            return Ok(());
+        };
+        let rendered = self.render(response)?;
+        // The connection's thread is gone only with its client.
+        let _ = reply.send(Reply::Whole(rendered));
+        Ok(())
     }
 
-    /// Sends a response to this request.
-    #[inline]
-    pub fn respond<R>(mut self, response: Response<R>) -> Result<(), IoError>
-    where
-        R: Read,
-    {
-        let res = self.respond_impl(response);
-        if let Some(sender) = self.notify_when_responded.take() {
-            let _ = sender.send(());
-        }
-        res
-    }
-
-    fn respond_impl<R>(&mut self, response: Response<R>) -> Result<(), IoError>
-    where
-        R: Read,
-    {
-        let mut writer = self.extract_writer_impl();
-
-        let do_not_send_body = self.method == Method::Head;
-        // chatpool patch: the unread rest of an oversized body ends the connection.
+    fn render<R: Read>(&self, response: Response<R>) -> io::Result<Vec<u8>> {
         let response = if self.body_exceeds_limit {
             response.with_connection_close()
         } else {
             response
         };
-
-        Self::ignore_client_closing_errors(response.raw_print(
-            writer.by_ref(),
+        let mut rendered = Vec::new();
+        response.raw_print(
+            &mut rendered,
             self.http_version.clone(),
             &self.headers,
-            do_not_send_body,
+            self.method == Method::Head,
             None,
-        ))?;
-
-        Self::ignore_client_closing_errors(writer.flush())
+        )?;
+        Ok(rendered)
     }
 
-    fn ignore_client_closing_errors(result: io::Result<()>) -> io::Result<()> {
-        result.or_else(|err| match err.kind() {
-            ErrorKind::BrokenPipe => Ok(()),
-            ErrorKind::ConnectionAborted => Ok(()),
-            ErrorKind::ConnectionRefused => Ok(()),
-            ErrorKind::ConnectionReset => Ok(()),
-            _ => Err(err),
-        })
+    /// Answers with a body sent piece by piece as it is produced (an event stream, say): the
+    /// head now, then each [`ResponseStream::send`]. `headers` must not frame the body; the
+    /// stream is chunked for HTTP/1.1 clients, and ends the connection for HTTP/1.0 ones.
+    pub fn stream(mut self, status: StatusCode, mut headers: Vec<Header>) -> ResponseStream {
+        let Some(reply) = self.reply.take() else {
+            return ResponseStream { pieces: None };
+        };
+        let chunked = self.http_version >= (1, 1);
+        let framing = if chunked {
+            ("Transfer-Encoding", "chunked")
+        } else {
+            ("Connection", "close")
+        };
+        if let Ok(header) = Header::from_bytes(framing.0, framing.1) {
+            headers.push(header);
+        }
+        let mut head = Vec::new();
+        let (tx, pieces) = mpsc::sync_channel(STREAM_PIECES);
+        if write_message_header(&mut head, &self.http_version, &status, &headers).is_err()
+            || reply
+                .send(Reply::Stream {
+                    head,
+                    chunked,
+                    pieces,
+                })
+                .is_err()
+        {
+            return ResponseStream { pieces: None };
+        }
+        ResponseStream { pieces: Some(tx) }
+    }
+}
+
+/// The body of a streamed response, sent piece by piece through its connection's thread.
+///
+/// Dropped without [`finish`](ResponseStream::finish), the response is cut off: the connection
+/// closes without the end of the body, so the client sees it incomplete.
+pub struct ResponseStream {
+    pieces: Option<SyncSender<Piece>>,
+}
+
+impl ResponseStream {
+    /// Sends one piece. Waits while the connection's thread has pieces still to write, which
+    /// it gives up on when the client stops reading for the timeout or hangs up; then, and
+    /// from then on, this fails with `BrokenPipe`.
+    pub fn send(&mut self, data: &[u8]) -> io::Result<()> {
+        self.push(Piece::Data(data.to_vec()))
     }
 
-    pub(crate) fn with_notify_sender(mut self, sender: Sender<()>) -> Self {
-        self.notify_when_responded = Some(sender);
-        self
+    /// Ends the body; the connection may carry the client's next request.
+    pub fn finish(mut self) -> io::Result<()> {
+        self.push(Piece::End)
+    }
+
+    fn push(&mut self, piece: Piece) -> io::Result<()> {
+        let sent = self.pieces.as_ref().map(|pieces| pieces.send(piece));
+        match sent {
+            Some(Ok(())) => Ok(()),
+            _ => {
+                self.pieces = None;
+                Err(io::Error::new(
+                    ErrorKind::BrokenPipe,
+                    "the client connection has closed",
+                ))
+            }
+        }
     }
 }
 
@@ -549,32 +259,79 @@ impl fmt::Debug for Request {
 
 impl Drop for Request {
     fn drop(&mut self) {
-        if self.response_writer.is_some() {
-            let response = Response::empty(500);
-            let _ = self.respond_impl(response); // ignoring any potential error
-            if let Some(sender) = self.notify_when_responded.take() {
-                let _ = sender.send(());
+        if let Some(reply) = self.reply.take() {
+            if let Ok(rendered) = self.render(Response::empty(500)) {
+                let _ = reply.send(Reply::Whole(rendered));
             }
         }
     }
 }
 
-/// Dummy trait that regroups the `Read` and `Write` traits.
-///
-/// Automatically implemented on all types that implement both `Read` and `Write`.
-pub trait ReadWrite: Read + Write {}
-impl<T> ReadWrite for T where T: Read + Write {}
-
 #[cfg(test)]
 mod tests {
-    use super::Request;
+    use super::*;
+
+    fn request(method: &str, version: &str) -> (Request, Receiver<Reply>) {
+        let bytes = format!("{method} /x {version}\r\nContent-Length: 2\r\n\r\nhi");
+        let mut reader = bytes.as_bytes();
+        let head = crate::parse::read_head(&mut reader, 1024).unwrap();
+        Request::new(head, None, Body::Whole(b"hi".to_vec()))
+    }
+
+    fn whole(answer: &Receiver<Reply>) -> String {
+        match answer.try_recv() {
+            Ok(Reply::Whole(bytes)) => String::from_utf8(bytes).unwrap(),
+            _ => panic!("no whole reply"),
+        }
+    }
 
     #[test]
-    fn must_be_send() {
-        #![allow(dead_code)]
-        fn f<T: Send>(_: &T) {}
-        fn bar(rq: &Request) {
-            f(rq);
-        }
+    fn respond_hands_the_rendered_response_over_without_a_socket() {
+        let (mut rq, answer) = request("GET", "HTTP/1.1");
+        let mut body = String::new();
+        rq.as_reader().read_to_string(&mut body).unwrap();
+        assert_eq!(body, "hi");
+        rq.respond(Response::from_string("hello")).unwrap();
+        let text = whole(&answer);
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(text.ends_with("\r\n\r\nhello"), "{text}");
+        let (rq, answer) = request("HEAD", "HTTP/1.1");
+        rq.respond(Response::from_string("hello")).unwrap();
+        assert!(whole(&answer).ends_with("\r\n\r\n"));
+    }
+
+    #[test]
+    fn a_dropped_request_is_a_500_and_a_gone_client_no_error() {
+        let (rq, answer) = request("GET", "HTTP/1.1");
+        drop(rq);
+        assert!(whole(&answer).starts_with("HTTP/1.1 500 "));
+        let (rq, answer) = request("GET", "HTTP/1.1");
+        drop(answer);
+        rq.respond(Response::from_string("nobody")).unwrap();
+    }
+
+    #[test]
+    fn a_stream_sends_its_pieces_and_fails_once_the_connection_gives_up() {
+        let (rq, answer) = request("GET", "HTTP/1.1");
+        let mut stream = rq.stream(StatusCode(200), Vec::new());
+        let Ok(Reply::Stream {
+            head,
+            chunked,
+            pieces,
+        }) = answer.try_recv()
+        else {
+            panic!("no stream");
+        };
+        assert!(chunked);
+        assert!(String::from_utf8(head).unwrap().contains("Transfer-Encoding: chunked"));
+        stream.send(b"one").unwrap();
+        assert!(matches!(pieces.try_recv(), Ok(Piece::Data(d)) if d == b"one"));
+        drop(pieces);
+        assert_eq!(stream.send(b"two").unwrap_err().kind(), ErrorKind::BrokenPipe);
+        assert!(stream.finish().is_err());
+
+        let (rq, answer) = request("GET", "HTTP/1.0");
+        let _stream = rq.stream(StatusCode(200), Vec::new());
+        assert!(matches!(answer.try_recv(), Ok(Reply::Stream { chunked: false, .. })));
     }
 }

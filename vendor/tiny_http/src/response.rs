@@ -76,7 +76,7 @@ fn build_date_header() -> Header {
     Header::from_bytes(&b"Date"[..], &d.to_string().into_bytes()[..]).unwrap()
 }
 
-fn write_message_header<W>(
+pub(crate) fn write_message_header<W>(
     mut writer: W,
     http_version: &HTTPVersion,
     status_code: &StatusCode,

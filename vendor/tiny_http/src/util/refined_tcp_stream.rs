@@ -39,6 +39,12 @@ impl RefinedTcpStream {
         self.stream.set_timeouts(Some(timeout)).ok();
     }
 
+    /// Whether the client has closed its side (or reset the connection), without reading
+    /// what it has sent.
+    pub(crate) fn hung_up(&self) -> bool {
+        self.stream.hung_up()
+    }
+
     pub(crate) fn peer_addr(&mut self) -> IoResult<Option<SocketAddr>> {
         self.stream.peer_addr()
     }
