@@ -12,6 +12,7 @@ use serde::Deserialize;
 use serde_json::json;
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -81,7 +82,8 @@ const HANG: Duration = Duration::from_secs(600);
 /// Largest request body read.
 const MAX_BODY: usize = 16 << 20;
 
-/// What the mock has seen, for `GET /stats`.
+/// What the mock has seen, for `GET /stats`: completions asked for, and calls whose client
+/// hung up before the answer was whole.
 #[derive(Default)]
 struct Stats {
     completions: AtomicU64,
@@ -275,9 +277,10 @@ impl Mock {
             }
         };
         let o = &self.options;
-        thread::sleep(Duration::from_millis(
-            o.latency_ms + fastrand::u64(..=o.jitter_ms),
-        ));
+        let latency = Duration::from_millis(o.latency_ms + fastrand::u64(..=o.jitter_ms));
+        if !self.client_stays(out, latency) {
+            return Ok(After::Close);
+        }
         let model = parsed.model.unwrap_or_else(|| "mock".into());
         let completion = mock::reply(&parsed.messages, &model, o.reply_words);
         let fault = self.fault_for(n);
@@ -292,7 +295,7 @@ impl Mock {
                 return Ok(After::KeepOpen);
             }
             Some(Fault::Hang) => {
-                thread::sleep(HANG);
+                self.client_stays(out, HANG);
                 return Ok(After::Close);
             }
             Some(Fault::Reset) => return Ok(After::Close),
@@ -366,8 +369,8 @@ impl Mock {
             if o.fail_after_chunk == Some(i) {
                 return Ok(After::Close);
             }
-            if i > 0 {
-                thread::sleep(Duration::from_millis(o.chunk_gap_ms));
+            if i > 0 && !self.client_stays(out, Duration::from_millis(o.chunk_gap_ms)) {
+                return Ok(After::Close);
             }
             let delta = if i == 0 {
                 json!({"role": "assistant", "content": group.concat()})
@@ -383,6 +386,31 @@ impl Mock {
         out.write_all(b"data: [DONE]\n\n")?;
         out.flush()?;
         Ok(After::Close)
+    }
+
+    /// Waits for `wait` while watching the connection; a client that hangs up meanwhile is
+    /// counted as a disconnect, and `false` says it is gone.
+    fn client_stays(&self, out: &TcpStream, wait: Duration) -> bool {
+        let until = std::time::Instant::now() + wait;
+        loop {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return true;
+            }
+            let mut watch = libc::pollfd {
+                fd: out.as_raw_fd(),
+                events: libc::POLLRDHUP,
+                revents: 0,
+            };
+            let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+            // SAFETY: poll(2) on one pollfd we own, for a descriptor `out` keeps open.
+            let ready = unsafe { libc::poll(&mut watch, 1, ms) };
+            let hung_up = libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR;
+            if ready > 0 && watch.revents & hung_up != 0 {
+                self.stats.disconnects.fetch_add(1, Ordering::SeqCst);
+                return false;
+            }
+        }
     }
 
     fn send_event(&self, out: &mut TcpStream, data: &serde_json::Value) -> io::Result<()> {

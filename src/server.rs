@@ -126,7 +126,7 @@ impl Server {
         })?;
         let http = Arc::new(http);
 
-        let llm = LlmClient::new(&config.llm, workers, Arc::clone(&metrics));
+        let llm = LlmClient::new(&config.llm, Arc::clone(&metrics));
         if config.llm.provider == crate::config::Provider::Openai && !llm.has_key() {
             log::warn!(
                 "no API key in ${}: calls to {} go without an Authorization header",

@@ -6,6 +6,7 @@ mod support;
 mod admission;
 mod api;
 mod auth;
+mod cancellation;
 mod edge;
 mod hostile;
 mod lifecycle;

@@ -15,7 +15,7 @@ use crate::admission::Ticket;
 use crate::config::Config;
 use crate::llm::prompt;
 use crate::llm::wire::{ChatMessage, Completion, Sampling, Usage};
-use crate::llm::LlmClient;
+use crate::llm::{Cancel, LlmClient};
 use crate::metrics::Metrics;
 use crate::store::{Exchange, Message, Readers, StoredReply, Writer};
 use serde_json::json;
@@ -372,8 +372,12 @@ impl Handler {
     ) -> Result<Outcome, ApiError> {
         let started = Instant::now();
         let mut stream: Option<EventStream> = None;
+        // The client's connection sets the flag when it hangs up, and so does a stream's
+        // write that finds it gone: either way the call is abandoned at its next wait.
+        let cancel = Cancel::new(Arc::clone(&call.hangup));
         let completion = if turn.stream {
             let (request, request_id) = (&mut call.request, call.request_id.as_str());
+            let hangup = &call.hangup;
             let format = turn.format;
             let chunks =
                 openai::Chunks::new(&completion_id(request_id), call.created, self.llm.model());
@@ -384,13 +388,19 @@ impl Handler {
                     Format::OpenAi { .. } => chunks.delta(piece, first),
                 };
                 first = false;
-                send_event(&mut stream, request, request_id, &data.to_string())
+                if !send_event(&mut stream, request, request_id, &data.to_string()) {
+                    hangup.store(true, Ordering::SeqCst);
+                }
             };
-            self.llm
-                .complete(&turn.messages, turn.sampling.clone(), Some(&mut sink))
+            self.llm.complete(
+                &turn.messages,
+                turn.sampling.clone(),
+                Some(&mut sink),
+                &cancel,
+            )
         } else {
             self.llm
-                .complete(&turn.messages, turn.sampling.clone(), None)
+                .complete(&turn.messages, turn.sampling.clone(), None, &cancel)
         };
         call.timings.llm = Some(started.elapsed());
         log::debug!(

@@ -1,22 +1,37 @@
 //! The LLM client: one blocking call per chat turn, made on the worker thread that serves it.
 //!
-//! Every worker holds a clone of one [`LlmClient`]; clones share one ureq agent, whose
-//! keep-alive pool keeps a connection for every worker so a busy pool never reconnects. One
-//! deadline, `request_timeout_ms`, covers every attempt and every backoff of a call.
+//! Every worker holds its own clone of one [`LlmClient`], with its own ureq agent and keep-alive
+//! connection, so a busy pool never reconnects and no worker waits on another's pool. One
+//! deadline, `request_timeout_ms`, covers every attempt and every backoff of a call, and a
+//! [`Cancel`] flag abandons it within a fraction of a second when its client leaves
+//! ([`transport`] makes the sockets wait in slices for that). Every wait that comes from outside,
+//! a `Retry-After` or a configured duration, is clamped before it meets a clock.
 
 mod breaker;
+pub mod cancel;
 pub mod mock;
 pub mod prompt;
+mod transport;
 pub mod wire;
+
+pub use cancel::Cancel;
 
 use crate::config::{LlmConfig, Provider};
 use crate::metrics::Metrics;
-use breaker::Breaker;
+use breaker::{Breaker, Outcome};
 use std::fmt;
 use std::io::Read;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
+use transport::{CallSlot, SlicedConnector, Stop};
+use ureq::unversioned::resolver::DefaultResolver;
+use ureq::unversioned::transport::{Connector, RustlsConnector};
 use wire::{ChatMessage, Completion, CompletionRequest, Sampling, StreamFailure, StreamOptions};
+
+/// The longest `Retry-After` taken as given; no call waits that long anyway.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+/// Where [`later`] lands when a wait would run off the clock.
+const FAR_FUTURE: Duration = Duration::from_secs(365 * 24 * 3600);
 /// First backoff ceiling; doubles per retry up to [`MAX_BACKOFF`], with full jitter.
 const BASE_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -50,7 +65,7 @@ pub enum UpstreamError {
         /// What was wrong with it.
         detail: String,
     },
-    /// The client went away while the reply streamed; the call was abandoned.
+    /// The client went away; the call was abandoned and its connection closed.
     Cancelled,
     /// The LLM failed repeatedly just now; calls are paused (the breaker is open).
     Paused {
@@ -60,13 +75,16 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
-    /// Whether this says the LLM is unwell (and counts towards opening the breaker), rather
-    /// than that it refused this particular request.
-    fn is_failure(&self) -> bool {
+    /// What this says about the LLM's health: unwell (counts towards opening the breaker),
+    /// well but refusing this particular request, or nothing at all.
+    fn outcome(&self) -> Outcome {
         match self {
-            UpstreamError::Status { status, .. } => *status == 429 || *status >= 500,
-            UpstreamError::Paused { .. } | UpstreamError::Cancelled => false,
-            _ => true,
+            UpstreamError::Status { status, .. } if *status == 429 || *status >= 500 => {
+                Outcome::Failed
+            }
+            UpstreamError::Status { .. } | UpstreamError::Paused { .. } => Outcome::Succeeded,
+            UpstreamError::Cancelled => Outcome::Inconclusive,
+            _ => Outcome::Failed,
         }
     }
 }
@@ -131,19 +149,19 @@ enum AttemptError {
 }
 
 impl AttemptError {
-    /// An answer that is not a reply: worth another try only when a stream was cut short.
-    fn unusable(e: wire::Unusable) -> AttemptError {
-        match e {
-            wire::Unusable::Truncated => AttemptError::Transport(e.to_string()),
-            e => AttemptError::Malformed(e.to_string()),
-        }
-    }
-
     fn retryable(&self) -> bool {
         match self {
             AttemptError::Status { status, .. } => matches!(status, 429 | 500 | 502 | 503 | 504),
             AttemptError::Transport(_) => true,
             AttemptError::Timeout | AttemptError::Malformed(_) | AttemptError::Cancelled => false,
+        }
+    }
+
+    /// An answer that is not a reply: worth another try only when a stream was cut short.
+    fn unusable(e: wire::Unusable) -> AttemptError {
+        match e {
+            wire::Unusable::Truncated => AttemptError::Transport(e.to_string()),
+            e => AttemptError::Malformed(e.to_string()),
         }
     }
 
@@ -160,151 +178,209 @@ impl AttemptError {
     }
 }
 
-/// A handle on the configured LLM; cheap to clone, one clone per worker.
-#[derive(Clone)]
+/// A handle on the configured LLM; one per worker.
+///
+/// Cloning gives a handle for another worker: it shares the breaker, the settings and the
+/// metrics, and has its own connections to the upstream (a keep-alive pool of one, since a worker
+/// makes one call at a time) and its own [`CallSlot`], through which a call's [`Cancel`] reaches
+/// those connections.
 pub struct LlmClient {
-    backend: Backend,
-    model: Arc<str>,
+    shared: Arc<Shared>,
+    link: Option<Link>,
+}
+
+/// What every worker's handle shares.
+struct Shared {
+    model: String,
+    endpoint: Option<Endpoint>,
+    mock_latency: Duration,
     request_timeout: Duration,
     max_retries: u32,
-    breaker: Arc<Breaker>,
+    breaker: Breaker,
     metrics: Arc<Metrics>,
 }
 
-#[derive(Clone)]
-enum Backend {
-    Mock {
-        latency: Duration,
-    },
-    OpenAi {
-        agent: ureq::Agent,
-        url: Arc<str>,
-        authorization: Option<Arc<str>>,
-    },
+/// Where an OpenAI-compatible upstream is and how to call it.
+struct Endpoint {
+    url: String,
+    /// The URL without any credentials in it, for the log.
+    shown: String,
+    authorization: Option<String>,
+    connect_timeout: Duration,
+}
+
+/// One worker's way to the upstream.
+struct Link {
+    agent: ureq::Agent,
+    slot: Arc<CallSlot>,
+}
+
+impl Link {
+    fn new(endpoint: &Endpoint) -> Link {
+        let slot = Arc::new(CallSlot::default());
+        let connector = SlicedConnector::new(Arc::clone(&slot), endpoint.connect_timeout)
+            .chain(RustlsConnector::default());
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .max_idle_connections(1)
+            .max_idle_connections_per_host(1)
+            .user_agent(concat!("chatpool/", env!("CARGO_PKG_VERSION")))
+            .build();
+        let agent = ureq::Agent::with_parts(config, connector, DefaultResolver::default());
+        Link { agent, slot }
+    }
+}
+
+impl Clone for LlmClient {
+    fn clone(&self) -> LlmClient {
+        LlmClient {
+            shared: Arc::clone(&self.shared),
+            link: self.shared.endpoint.as_ref().map(Link::new),
+        }
+    }
 }
 
 impl LlmClient {
-    /// A client for the configured provider, sized for `workers` concurrent calls. The API key
-    /// is read once, from the environment variable the config names.
-    pub fn new(config: &LlmConfig, workers: usize, metrics: Arc<Metrics>) -> LlmClient {
-        let backend = match config.provider {
-            Provider::Mock => Backend::Mock {
-                latency: Duration::from_millis(config.mock_latency_ms),
-            },
-            Provider::Openai => {
-                let agent = ureq::AgentBuilder::new()
-                    .timeout_connect(Duration::from_millis(config.connect_timeout_ms))
-                    .max_idle_connections(workers.max(1))
-                    .max_idle_connections_per_host(workers.max(1))
-                    .user_agent(concat!("chatpool/", env!("CARGO_PKG_VERSION")))
-                    .build();
-                let key = std::env::var(&config.api_key_env)
-                    .ok()
-                    .filter(|k| !k.is_empty());
-                Backend::OpenAi {
-                    agent,
-                    url: format!("{}/chat/completions", config.base_url.trim_end_matches('/'))
-                        .into(),
-                    authorization: key.map(|k| format!("Bearer {k}").into()),
-                }
+    /// A client for the configured provider. The API key is read once, from the environment
+    /// variable the config names.
+    pub fn new(config: &LlmConfig, metrics: Arc<Metrics>) -> LlmClient {
+        let endpoint = (config.provider == Provider::Openai).then(|| {
+            let base = config.base_url.trim_end_matches('/');
+            let key = std::env::var(&config.api_key_env)
+                .ok()
+                .filter(|k| !k.is_empty());
+            Endpoint {
+                url: format!("{base}/chat/completions"),
+                shown: format!("{}/chat/completions", without_credentials(base)),
+                authorization: key.map(|k| format!("Bearer {k}")),
+                connect_timeout: Duration::from_millis(config.connect_timeout_ms),
             }
-        };
-        LlmClient {
-            backend,
-            model: config.model.as_str().into(),
+        });
+        let link = endpoint.as_ref().map(Link::new);
+        let shared = Shared {
+            model: config.model.clone(),
+            endpoint,
+            mock_latency: Duration::from_millis(config.mock_latency_ms),
             request_timeout: Duration::from_millis(config.request_timeout_ms),
             max_retries: config.max_retries,
-            breaker: Arc::new(Breaker::new(
+            breaker: Breaker::new(
                 config.breaker_failures,
                 Duration::from_millis(config.breaker_cooldown_ms),
-            )),
+            ),
             metrics,
+        };
+        LlmClient {
+            shared: Arc::new(shared),
+            link,
         }
     }
 
     /// Whether an API key was found, for the start-up log.
     pub fn has_key(&self) -> bool {
-        matches!(
-            &self.backend,
-            Backend::OpenAi {
-                authorization: Some(_),
-                ..
-            }
-        )
+        self.shared
+            .endpoint
+            .as_ref()
+            .is_some_and(|e| e.authorization.is_some())
     }
 
     /// The configured model name.
     pub fn model(&self) -> &str {
-        &self.model
+        &self.shared.model
     }
 
     /// Asks the LLM for the next message of `messages`, retrying what is worth retrying within
     /// the deadline, unless the breaker has paused calls.
     ///
-    /// With a `sink`, the reply is streamed: each piece goes to the sink as it arrives (the sink
-    /// returns `false` when its client has gone, which abandons the call), and a call is only
-    /// retried while nothing has reached the sink yet.
+    /// With a `sink`, the reply is streamed: each piece goes to the sink as it arrives, and a
+    /// call is only retried while nothing has reached the sink yet. Once `cancel` is set (by
+    /// whoever sees the client leave, the sink included) the call is abandoned within
+    /// [`cancel::SLICE`], its upstream connection closed, and it ends as
+    /// [`UpstreamError::Cancelled`].
     pub fn complete(
         &self,
         messages: &[ChatMessage],
         sampling: Sampling,
         sink: Option<&mut Sink<'_>>,
+        cancel: &Cancel,
     ) -> Result<Completion, UpstreamError> {
-        let permit = self.breaker.admit(Instant::now()).map_err(|retry_after| {
-            self.metrics.upstream_outcome("paused");
-            UpstreamError::Paused { retry_after }
-        })?;
-        let result = self.call(messages, sampling, sink);
-        let succeeded = match &result {
-            Ok(_) => true,
-            Err(e) => !e.is_failure(),
+        let pass = self
+            .shared
+            .breaker
+            .admit(Instant::now())
+            .map_err(|retry_after| {
+                self.shared.metrics.upstream_outcome("paused");
+                UpstreamError::Paused { retry_after }
+            })?;
+        let result = match (&self.shared.endpoint, &self.link) {
+            (Some(endpoint), Some(link)) => {
+                let deadline = later(Instant::now(), self.shared.request_timeout);
+                link.slot.begin(cancel, deadline);
+                let result = self.call(endpoint, link, messages, sampling, sink, cancel);
+                link.slot.end();
+                result
+            }
+            _ => self.call_mock(messages, sink, cancel),
         };
-        self.breaker.record(permit, succeeded, Instant::now());
+        pass.record(match &result {
+            Ok(_) => Outcome::Succeeded,
+            Err(e) => e.outcome(),
+        });
         result
+    }
+
+    /// The built-in mock: a reply made from the request after the configured latency.
+    fn call_mock(
+        &self,
+        messages: &[ChatMessage],
+        sink: Option<&mut Sink<'_>>,
+        cancel: &Cancel,
+    ) -> Result<Completion, UpstreamError> {
+        let metrics = &self.shared.metrics;
+        let completion = mock::reply(messages, &self.shared.model, 0);
+        let mut cancelled = !cancel.sleep(self.shared.mock_latency);
+        if let Some(sink) = sink {
+            for piece in completion.content.split_inclusive(' ') {
+                if cancelled {
+                    break;
+                }
+                sink(piece);
+                cancelled = cancel.is_cancelled();
+            }
+        }
+        if cancelled {
+            metrics.upstream_outcome("cancelled");
+            return Err(UpstreamError::Cancelled);
+        }
+        metrics.upstream_outcome("ok");
+        Ok(completion)
     }
 
     fn call(
         &self,
+        endpoint: &Endpoint,
+        link: &Link,
         messages: &[ChatMessage],
         sampling: Sampling,
         mut sink: Option<&mut Sink<'_>>,
+        cancel: &Cancel,
     ) -> Result<Completion, UpstreamError> {
-        let (agent, url, authorization) = match &self.backend {
-            Backend::Mock { latency } => {
-                std::thread::sleep(*latency);
-                let completion = mock::reply(messages, &self.model, 0);
-                if let Some(sink) = sink {
-                    for piece in completion.content.split_inclusive(' ') {
-                        if !sink(piece) {
-                            self.metrics.upstream_outcome("cancelled");
-                            return Err(UpstreamError::Cancelled);
-                        }
-                    }
-                }
-                self.metrics.upstream_outcome("ok");
-                return Ok(completion);
-            }
-            Backend::OpenAi {
-                agent,
-                url,
-                authorization,
-            } => (agent, url, authorization.as_deref()),
-        };
+        let shared = &*self.shared;
         let body = serde_json::to_vec(&CompletionRequest {
-            model: &self.model,
+            model: &shared.model,
             messages,
             temperature: sampling.temperature,
             max_tokens: sampling.max_tokens,
+            passthrough: &sampling.passthrough,
             stream: sink.is_some(),
             stream_options: sink.is_some().then_some(StreamOptions {
                 include_usage: true,
             }),
-            passthrough: &sampling.passthrough,
         })
         .map_err(|e| UpstreamError::Malformed {
             detail: format!("cannot encode the request: {e}"),
         })?;
-        let deadline = Instant::now() + self.request_timeout;
+        let deadline = later(Instant::now(), shared.request_timeout);
         let mut attempts = 0;
         let mut forwarded = false;
         loop {
@@ -312,23 +388,26 @@ impl LlmClient {
             let reply = Reply {
                 sink: sink.as_deref_mut(),
                 forwarded: &mut forwarded,
+                cancel,
             };
-            let error = match self.attempt(agent, url, authorization, &body, deadline, reply) {
+            let error = match self.attempt(endpoint, link, &body, reply) {
                 Ok(completion) => {
-                    self.metrics.upstream_outcome("ok");
+                    shared.metrics.upstream_outcome("ok");
                     return Ok(completion);
                 }
                 Err(e) => e,
             };
-            self.metrics.upstream_outcome(error.outcome());
+            shared.metrics.upstream_outcome(error.outcome());
             let wait = backoff(attempts, &error);
-            let in_time = Instant::now() + wait < deadline;
+            let in_time = wait < deadline.saturating_duration_since(Instant::now());
             // Once a piece reached the client, a retry would send it a second, different start.
-            if !error.retryable() || attempts > self.max_retries || !in_time || forwarded {
+            if !error.retryable() || attempts > shared.max_retries || !in_time || forwarded {
                 return Err(self.give_up(error, attempts));
             }
-            self.metrics.upstream_retry();
-            std::thread::sleep(wait);
+            shared.metrics.upstream_retry();
+            if !cancel.sleep(wait) {
+                return Err(UpstreamError::Cancelled);
+            }
         }
     }
 
@@ -341,7 +420,7 @@ impl LlmClient {
             },
             AttemptError::Transport(detail) => UpstreamError::Transport { detail, attempts },
             AttemptError::Timeout => UpstreamError::Timeout {
-                after: self.request_timeout,
+                after: self.shared.request_timeout,
             },
             AttemptError::Malformed(detail) => UpstreamError::Malformed { detail },
             AttemptError::Cancelled => UpstreamError::Cancelled,
@@ -350,82 +429,96 @@ impl LlmClient {
 
     fn attempt(
         &self,
-        agent: &ureq::Agent,
-        url: &str,
-        authorization: Option<&str>,
+        endpoint: &Endpoint,
+        link: &Link,
         body: &[u8],
-        deadline: Instant,
         reply: Reply<'_, '_>,
     ) -> Result<Completion, AttemptError> {
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        if remaining.is_zero() {
-            return Err(AttemptError::Timeout);
+        let mut request = link
+            .agent
+            .post(&endpoint.url)
+            .header("Content-Type", "application/json");
+        if let Some(authorization) = &endpoint.authorization {
+            request = request.header("Authorization", authorization);
         }
-        let mut request = agent
-            .post(url)
-            .timeout(remaining)
-            .set("Content-Type", "application/json");
-        if let Some(authorization) = authorization {
-            request = request.set("Authorization", authorization);
+        let lost = |e: ureq::Error| lost(e, link, endpoint);
+        let (head, body) = request.send(body).map_err(lost)?.into_parts();
+        if !head.status.is_success() {
+            return Err(refused(head, body));
         }
-        let timed_out = || Instant::now() >= deadline;
-        let read_error = |e: std::io::Error| {
-            if timed_out() {
-                AttemptError::Timeout
-            } else {
-                AttemptError::Transport(e.to_string())
-            }
-        };
-        match request.send_bytes(body) {
-            Ok(response) => {
-                let body = response.into_reader();
-                if let Some(sink) = reply.sink {
-                    return self
-                        .read_stream(body, sink, reply.forwarded)
-                        .map_err(|e| match e {
-                            StreamFailure::Io(e) => read_error(e),
-                            StreamFailure::Cancelled => AttemptError::Cancelled,
-                            StreamFailure::Unusable(e) => AttemptError::unusable(e),
-                        });
-                }
-                let mut bytes = Vec::new();
-                body.take(wire::MAX_BODY_BYTES)
-                    .read_to_end(&mut bytes)
-                    .map_err(read_error)?;
-                if bytes.len() as u64 == wire::MAX_BODY_BYTES {
-                    return Err(AttemptError::unusable(wire::Unusable::TooLong));
-                }
-                wire::parse_completion(&bytes, &self.model).map_err(AttemptError::unusable)
-            }
-            Err(ureq::Error::Status(status, response)) => {
-                let retry_after = response
-                    .header("retry-after")
-                    .and_then(|v| parse_retry_after(v, SystemTime::now()));
-                let mut bytes = Vec::new();
-                // The body only explains the status; a failure to read it changes nothing.
-                let _ = response
-                    .into_reader()
-                    .take(64 << 10)
-                    .read_to_end(&mut bytes);
-                Err(AttemptError::Status {
-                    status,
-                    detail: wire::error_detail(&bytes),
-                    retry_after,
-                })
-            }
-            Err(ureq::Error::Transport(_)) if timed_out() => Err(AttemptError::Timeout),
-            Err(ureq::Error::Transport(t)) => Err(AttemptError::Transport(t.to_string())),
+        let body = body.into_reader();
+        if let Some(sink) = reply.sink {
+            return self
+                .read_stream(body, sink, reply.forwarded, reply.cancel)
+                .map_err(|e| match e {
+                    StreamFailure::Io(e) => lost(e.into()),
+                    StreamFailure::Cancelled => AttemptError::Cancelled,
+                    StreamFailure::Unusable(e) => AttemptError::unusable(e),
+                });
         }
+        let mut bytes = Vec::new();
+        body.take(wire::MAX_BODY_BYTES)
+            .read_to_end(&mut bytes)
+            .map_err(|e| lost(e.into()))?;
+        if bytes.len() as u64 == wire::MAX_BODY_BYTES {
+            return Err(AttemptError::unusable(wire::Unusable::TooLong));
+        }
+        wire::parse_completion(&bytes, &self.shared.model).map_err(AttemptError::unusable)
     }
 }
 
-/// Where a streamed reply goes, piece by piece; returns `false` once its client is gone.
-pub type Sink<'a> = dyn FnMut(&str) -> bool + 'a;
+/// An answer with an error status: its `Retry-After` (clamped) and what its body says.
+fn refused(head: ureq::http::response::Parts, body: ureq::Body) -> AttemptError {
+    let retry_after = head
+        .headers
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_retry_after(v, SystemTime::now()));
+    let mut bytes = Vec::new();
+    // The body only explains the status; a failure to read it changes nothing.
+    let _ = body.into_reader().take(64 << 10).read_to_end(&mut bytes);
+    AttemptError::Status {
+        status: head.status.as_u16(),
+        detail: wire::error_detail(&bytes),
+        retry_after,
+    }
+}
 
-/// The streaming side of one attempt: the sink, and whether anything reached it yet.
+/// What a failed send or read means: the call was stopped (cancelled or out of time), or the
+/// connection failed. The detail names the upstream for the log.
+fn lost(e: ureq::Error, link: &Link, endpoint: &Endpoint) -> AttemptError {
+    match (link.slot.stopped(), e) {
+        (Some(Stop::Cancelled), _) => AttemptError::Cancelled,
+        (Some(Stop::Deadline), _) | (None, ureq::Error::Timeout(_)) => AttemptError::Timeout,
+        (None, e) => AttemptError::Transport(format!("{}: {e}", endpoint.shown)),
+    }
+}
+
+/// `url` with any `user:password@` taken out.
+fn without_credentials(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    if scheme.is_empty() {
+        format!("{host}{path}")
+    } else {
+        format!("{scheme}://{host}{path}")
+    }
+}
+
+/// Where a streamed reply goes, piece by piece. A sink that finds its client gone sets the
+/// call's [`Cancel`] flag.
+pub type Sink<'a> = dyn FnMut(&str) + 'a;
+
+/// The streaming side of one attempt: the sink, whether anything reached it yet, and the flag
+/// that says its client is gone.
 struct Reply<'s, 'f> {
     sink: Option<&'s mut Sink<'f>>,
     forwarded: &'s mut bool,
+    cancel: &'s Cancel,
 }
 
 impl LlmClient {
@@ -435,13 +528,18 @@ impl LlmClient {
         body: impl Read,
         sink: &mut Sink<'_>,
         forwarded: &mut bool,
+        cancel: &Cancel,
     ) -> Result<Completion, StreamFailure> {
         let mut forward = |piece: &str| {
-            let open = sink(piece);
-            *forwarded |= open;
-            open
+            sink(piece);
+            *forwarded = true;
+            !cancel.is_cancelled()
         };
-        wire::read_stream(std::io::BufReader::new(body), &self.model, &mut forward)
+        wire::read_stream(
+            std::io::BufReader::new(body),
+            &self.shared.model,
+            &mut forward,
+        )
     }
 }
 
@@ -461,14 +559,25 @@ fn backoff(attempts: u32, error: &AttemptError) -> Duration {
     ceiling.mul_f64(fastrand::f64())
 }
 
-/// `Retry-After` as seconds or as an HTTP date.
+/// `Retry-After` as seconds or as an HTTP date, at most [`MAX_RETRY_AFTER`].
 fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     let value = value.trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let at = httpdate::parse_http_date(value).ok()?;
-    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+    let wait = match value.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => {
+            let at = httpdate::parse_http_date(value).ok()?;
+            at.duration_since(now).unwrap_or(Duration::ZERO)
+        }
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
+}
+
+/// `now + wait` for a wait that may come from outside: one too long for the clock lands far
+/// in the future instead of panicking.
+pub(crate) fn later(now: Instant, wait: Duration) -> Instant {
+    now.checked_add(wait)
+        .or_else(|| now.checked_add(FAR_FUTURE))
+        .unwrap_or(now)
 }
 
 #[cfg(test)]

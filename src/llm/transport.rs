@@ -1,0 +1,255 @@
+//! The sockets under one worker's ureq agent, which wait in slices so a call can be abandoned.
+//!
+//! ureq blocks in `read` until the upstream answers. To abandon a call whose client left, or
+//! whose deadline passed, while the upstream is still thinking, every socket here carries a
+//! short timeout ([`SLICE`]) and loops on it, looking at the worker's [`CallSlot`] between
+//! slices. The timeouts are set once per connection, not before every read, and the check that
+//! a pooled connection is still alive is one non-blocking peek: the system calls per request
+//! stay close to the reads and writes themselves. TLS, for an `https` base URL, is ureq's
+//! rustls connector layered on top, so it waits the same way.
+
+use super::cancel::{Cancel, SLICE};
+use parking_lot::Mutex;
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use ureq::unversioned::transport::{
+    Buffers, ConnectionDetails, Connector, LazyBuffers, NextTimeout, Transport,
+};
+
+const MIN_WAIT: Duration = Duration::from_millis(1);
+
+/// What the call in progress on one worker allows its sockets: how long they may wait, and
+/// whether the call is still wanted at all. Shared by the worker's client and its connections.
+#[derive(Default)]
+pub(crate) struct CallSlot {
+    current: Mutex<Limits>,
+}
+
+#[derive(Default)]
+struct Limits {
+    cancel: Cancel,
+    deadline: Option<Instant>,
+}
+
+/// Why a socket stopped waiting early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stop {
+    /// The call's client went away.
+    Cancelled,
+    /// The call's deadline passed.
+    Deadline,
+}
+
+impl CallSlot {
+    /// Makes `cancel` and `deadline` the limits of every wait until [`CallSlot::end`].
+    pub(crate) fn begin(&self, cancel: &Cancel, deadline: Instant) {
+        *self.current.lock() = Limits {
+            cancel: cancel.clone(),
+            deadline: Some(deadline),
+        };
+    }
+
+    /// The call is over; its flag is released.
+    pub(crate) fn end(&self) {
+        *self.current.lock() = Limits::default();
+    }
+
+    /// Why the current call should stop now, if it should.
+    pub(crate) fn stopped(&self) -> Option<Stop> {
+        self.allowance().err()
+    }
+
+    /// The time left until the deadline (`None`: no deadline), unless the call should stop.
+    fn left(&self) -> Result<Option<Duration>, Stop> {
+        let limits = self.current.lock();
+        if limits.cancel.is_cancelled() {
+            return Err(Stop::Cancelled);
+        }
+        let Some(deadline) = limits.deadline else {
+            return Ok(None);
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Stop::Deadline);
+        }
+        Ok(Some(left))
+    }
+
+    /// How long a socket may block before it looks again.
+    fn allowance(&self) -> Result<Duration, Stop> {
+        // Never zero: a zero socket timeout would mean "block forever".
+        Ok(self
+            .left()?
+            .map_or(SLICE, |left| left.clamp(MIN_WAIT, SLICE)))
+    }
+}
+
+impl fmt::Display for Stop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Stop::Cancelled => "the call was cancelled",
+            Stop::Deadline => "the call's deadline passed",
+        })
+    }
+}
+
+impl std::error::Error for Stop {}
+
+impl From<Stop> for ureq::Error {
+    fn from(stop: Stop) -> ureq::Error {
+        // Not `Interrupted`: readers such as `BufRead::read_line` retry on that.
+        let kind = match stop {
+            Stop::Cancelled => io::ErrorKind::Other,
+            Stop::Deadline => io::ErrorKind::TimedOut,
+        };
+        ureq::Error::Io(io::Error::new(kind, stop))
+    }
+}
+
+/// Opens plain TCP connections for one worker's agent.
+pub(crate) struct SlicedConnector {
+    slot: Arc<CallSlot>,
+    connect_timeout: Duration,
+}
+
+impl SlicedConnector {
+    pub(crate) fn new(slot: Arc<CallSlot>, connect_timeout: Duration) -> SlicedConnector {
+        SlicedConnector {
+            slot,
+            connect_timeout,
+        }
+    }
+
+    /// Tries each resolved address in turn, within the connect timeout and the call's deadline.
+    fn open(&self, addrs: &[SocketAddr]) -> Result<TcpStream, ureq::Error> {
+        let mut last = None;
+        for addr in addrs {
+            // A connect is not sliced: the cancel flag is seen after it, within the timeout.
+            let timeout = self.slot.left()?.map_or(self.connect_timeout, |left| {
+                left.min(self.connect_timeout).max(MIN_WAIT)
+            });
+            match TcpStream::connect_timeout(addr, timeout) {
+                Ok(stream) => return Ok(stream),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last
+            .unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address to connect to"))
+            .into())
+    }
+}
+
+impl Connector<()> for SlicedConnector {
+    type Out = SlicedTransport;
+
+    fn connect(
+        &self,
+        details: &ConnectionDetails,
+        _: Option<()>,
+    ) -> Result<Option<SlicedTransport>, ureq::Error> {
+        let stream = self.open(&details.addrs)?;
+        stream.set_nodelay(true)?;
+        let config = details.config;
+        Ok(Some(SlicedTransport {
+            stream,
+            buffers: LazyBuffers::new(config.input_buffer_size(), config.output_buffer_size()),
+            slot: Arc::clone(&self.slot),
+            read_timeout: None,
+            write_timeout: None,
+        }))
+    }
+}
+
+impl fmt::Debug for SlicedConnector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SlicedConnector").finish_non_exhaustive()
+    }
+}
+
+/// One connection to the upstream.
+pub(crate) struct SlicedTransport {
+    stream: TcpStream,
+    buffers: LazyBuffers,
+    slot: Arc<CallSlot>,
+    // What the socket's timeouts are set to, so they are set only when they change.
+    read_timeout: Option<Duration>,
+    write_timeout: Option<Duration>,
+}
+
+/// Whether a socket error only says that a slice ran out.
+fn slice_ran_out(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+    )
+}
+
+impl Transport for SlicedTransport {
+    fn buffers(&mut self) -> &mut dyn Buffers {
+        &mut self.buffers
+    }
+
+    // ureq's own timeouts are not configured; the call's deadline is in the slot.
+    fn transmit_output(&mut self, amount: usize, _: NextTimeout) -> Result<(), ureq::Error> {
+        let mut sent = 0;
+        while sent < amount {
+            let wait = self.slot.allowance()?;
+            if self.write_timeout != Some(wait) {
+                self.stream.set_write_timeout(Some(wait))?;
+                self.write_timeout = Some(wait);
+            }
+            match self.stream.write(&self.buffers.output()[sent..amount]) {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
+                Ok(n) => sent += n,
+                Err(e) if slice_ran_out(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    fn await_input(&mut self, _: NextTimeout) -> Result<bool, ureq::Error> {
+        loop {
+            let wait = self.slot.allowance()?;
+            if self.read_timeout != Some(wait) {
+                self.stream.set_read_timeout(Some(wait))?;
+                self.read_timeout = Some(wait);
+            }
+            match self.stream.read(self.buffers.input_append_buf()) {
+                Ok(n) => {
+                    self.buffers.input_appended(n);
+                    return Ok(n > 0);
+                }
+                Err(e) if slice_ran_out(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Open means nothing to read and no end of stream: one peek that never blocks.
+    fn is_open(&mut self) -> bool {
+        let mut byte = 0u8;
+        // SAFETY: recv(2) into one byte we own, on a descriptor the stream keeps open.
+        let n = unsafe {
+            libc::recv(
+                self.stream.as_raw_fd(),
+                (&mut byte as *mut u8).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
+    }
+}
+
+impl fmt::Debug for SlicedTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SlicedTransport")
+            .field("peer", &self.stream.peer_addr().ok())
+            .finish()
+    }
+}
