@@ -201,3 +201,52 @@ fn the_breaker_opens_after_the_threshold_then_a_probe_closes_it() {
         "{metrics}"
     );
 }
+
+/// Sends until the breaker lets a call through (anything but 503 `upstream_unavailable`).
+fn past_the_breaker(addr: std::net::SocketAddr) -> Response {
+    let mut last = None;
+    let through = eventually(Duration::from_secs(5), || {
+        let r = send(addr, "c", "anyone there?");
+        let paused = r.status == 503;
+        last = Some(r);
+        !paused
+    });
+    let last = last.unwrap();
+    assert!(
+        through,
+        "the breaker never let a call through: {}",
+        last.text()
+    );
+    last
+}
+
+#[test]
+fn a_retry_after_too_large_for_the_clock_is_a_502_and_never_jams_the_breaker() {
+    // 10^19 seconds fits a u64 but not the clock; the probes get it.
+    let huge = || vec![("Retry-After", "10000000000000000000".to_string())];
+    let down = r#"{"error":{"message":"down"}}"#.to_string();
+    let upstream = FakeUpstream::start_with_headers(Box::new(move |n, _| match n {
+        0 => (500, Vec::new(), down.clone()),
+        1 => (429, huge(), down.clone()),
+        2 => (503, huge(), down.clone()),
+        _ => (200, Vec::new(), completion("back")),
+    }));
+    let work = Workdir::new();
+    let server = work.serve(&openai_llm(
+        upstream.addr,
+        "max_retries = 2\nbreaker_failures = 1\nbreaker_cooldown_ms = 200\n",
+    ));
+    // The 500 is retried; the 429's wait is longer than the deadline, so the call gives up.
+    let r = send(server.addr, "c", "hi");
+    assert_eq!((r.status, r.error_type().as_str()), (502, "upstream_error"));
+    assert!(r.text().contains("HTTP 429"), "{}", r.text());
+    // The breaker opened; its probe meets the 503 with the same wait: an answer, not a panic.
+    let r = past_the_breaker(server.addr);
+    assert_eq!((r.status, r.error_type().as_str()), (502, "upstream_error"));
+    assert!(r.text().contains("HTTP 503"), "{}", r.text());
+    // The failed probe reopened the breaker instead of leaving it probing for ever.
+    let r = past_the_breaker(server.addr);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(upstream.seen().len(), 4);
+    assert!(!server.log().contains("panicked"), "{}", server.log());
+}

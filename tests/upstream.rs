@@ -123,10 +123,12 @@ fn an_upstream_error_is_502_naming_its_status_and_stores_nothing() {
     let r = send(server.addr, "c", "hi");
     assert_eq!((r.status, r.error_type().as_str()), (502, "upstream_error"));
     let message = r.json()["error"]["message"].as_str().unwrap().to_string();
+    // The status, in chatpool's words; what the upstream said is for the log.
     assert!(
-        message.contains("500") && message.contains("model exploded"),
+        message.contains("500") && !message.contains("model exploded"),
         "{message}"
     );
+    assert!(log_line(&server, &r).contains("model exploded"));
     assert_eq!(upstream.seen().len(), 2, "one call and one retry");
     assert!(stored_messages(&work.db(), "c").is_empty());
     assert_eq!(get(server.addr, "/v1/chats/c/messages").status, 404);
@@ -176,4 +178,65 @@ fn an_unreachable_upstream_is_502() {
         .as_str()
         .unwrap()
         .contains("could not reach"));
+}
+
+/// The log line that names `response`'s request id.
+fn log_line(server: &Proc, response: &Response) -> String {
+    let id = format!("request_id={}", response.header("X-Request-Id").unwrap());
+    assert!(server.log_shows(&id), "{}", server.log());
+    let log = server.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains(&id) && l.contains("failed"));
+    line.unwrap_or_else(|| panic!("no failure line for {id}:\n{log}"))
+        .to_string()
+}
+
+#[test]
+fn an_upstream_error_body_reaches_the_log_and_not_the_client() {
+    let upstream = FakeUpstream::start(Box::new(|_, _| {
+        let body = r#"{"error":{"message":"Incorrect API key provided: sk-test-SECRETabcd"}}"#;
+        (401, body.into())
+    }));
+    let work = Workdir::new();
+    let server = work.serve(&openai_llm(upstream.addr, ""));
+    for r in [
+        send(server.addr, "c", "hi"),
+        EventReader::post(
+            server.addr,
+            "/v1/chat/completions",
+            r#"{"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]}"#,
+            &[],
+        )
+        .into_response(),
+    ] {
+        assert_eq!((r.status, r.error_type().as_str()), (502, "upstream_error"));
+        assert!(r.text().contains("HTTP 401"), "{}", r.text());
+        assert!(!r.text().contains("SECRET"), "{}", r.text());
+        assert!(!r.text().contains("Incorrect API key"), "{}", r.text());
+        assert!(log_line(&server, &r).contains("sk-test-SECRETabcd"));
+    }
+}
+
+#[test]
+fn an_unreachable_upstream_names_neither_its_address_nor_its_credentials_to_the_client() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let work = Workdir::new();
+    let llm = format!(
+        "[llm]\nprovider = \"openai\"\nbase_url = \"http://agent:hunter2@{closed}/v1\"\nmax_retries = 0\n"
+    );
+    let server = work.serve(&llm);
+    let r = send(server.addr, "c", "hi");
+    assert_eq!((r.status, r.error_type().as_str()), (502, "upstream_error"));
+    let port = closed.port().to_string();
+    for secret in ["hunter2", "agent", "127.0.0.1", port.as_str()] {
+        assert!(!r.text().contains(secret), "{secret} in {}", r.text());
+    }
+    // The operator's log says where; a password in base_url stays out of it too.
+    let line = log_line(&server, &r);
+    assert!(line.contains(&closed.to_string()), "{line}");
+    assert!(!line.contains("hunter2"), "{line}");
 }

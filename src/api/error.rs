@@ -137,7 +137,7 @@ impl fmt::Display for ApiError {
             ),
             ApiError::Overloaded => f.write_str("every worker is busy and the queue is full; retry shortly"),
             ApiError::ShuttingDown => f.write_str("the server is shutting down; retry against another instance or later"),
-            ApiError::Upstream(e) => e.fmt(f),
+            ApiError::Upstream(e) => f.write_str(&upstream_reason(e)),
             ApiError::Refused(refusal) => refusal.fmt(f),
             ApiError::Store(StoreError::Busy | StoreError::Unavailable(_)) => f.write_str(
                 "the database is unavailable just now (locked, full or read-only); retry shortly",
@@ -146,6 +146,29 @@ impl fmt::Display for ApiError {
             ApiError::Store(_) | ApiError::Internal(_) => {
                 f.write_str("internal error; the server log has the details under this request id")
             }
+        }
+    }
+}
+
+/// What a client is told about an upstream failure: the upstream's status and chatpool's own
+/// reason. Never the upstream's address (its host, port and any credentials in `base_url`) nor
+/// its words (an error body may echo the key, `sk-…abcd`): every tenant reads these messages,
+/// and the details are in the log under the request id ([`log_detail`]).
+fn upstream_reason(e: &UpstreamError) -> String {
+    let tries = |n: u32| match n {
+        1 => "1 attempt".to_string(),
+        n => format!("{n} attempts"),
+    };
+    match e {
+        UpstreamError::Status {
+            status, attempts, ..
+        } => format!("the LLM answered HTTP {status} after {}", tries(*attempts)),
+        UpstreamError::Transport {
+            reason, attempts, ..
+        } => format!("{reason} after {}", tries(*attempts)),
+        UpstreamError::Malformed { reason, .. } => reason.clone(),
+        UpstreamError::Timeout { .. } | UpstreamError::Cancelled | UpstreamError::Paused { .. } => {
+            e.to_string()
         }
     }
 }
@@ -190,6 +213,34 @@ mod tests {
             after: Duration::from_secs(2),
         });
         assert_eq!(e.status_and_type(), (504, "upstream_timeout"));
+    }
+
+    #[test]
+    fn upstream_words_and_address_stay_out_of_the_body_and_go_to_the_log() {
+        let errors = [
+            UpstreamError::Status {
+                status: 401,
+                detail: "Incorrect API key provided: sk-test-abcd".into(),
+                attempts: 1,
+            },
+            UpstreamError::Transport {
+                reason: "could not reach the LLM".into(),
+                detail: "http://llm.internal:9000/v1/chat/completions: connection refused".into(),
+                attempts: 3,
+            },
+            UpstreamError::Malformed {
+                reason: "the LLM reported an error instead of a reply".into(),
+                detail: "the LLM reported an error: /srv/models/secret.bin: out of memory".into(),
+            },
+        ];
+        for (error, secret) in errors.into_iter().zip(["sk-test", "llm.internal", "/srv"]) {
+            let e = ApiError::from(error);
+            assert_eq!(e.status_and_type(), (502, "upstream_error"));
+            let body = e.body("r1").to_string();
+            assert!(!body.contains(secret), "{body}");
+            assert!(body.contains("LLM"), "{body}");
+            assert!(log_detail(&e).unwrap().contains(secret));
+        }
     }
 
     #[test]

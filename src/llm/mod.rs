@@ -43,7 +43,7 @@ pub enum UpstreamError {
     Status {
         /// The HTTP status.
         status: u16,
-        /// What its body said, shortened.
+        /// What its body said, shortened: for the log only, since it may echo a key.
         detail: String,
         /// Calls made.
         attempts: u32,
@@ -55,14 +55,18 @@ pub enum UpstreamError {
     },
     /// No connection could be made, or it broke before the answer was read.
     Transport {
-        /// What went wrong.
+        /// What went wrong, in chatpool's words, naming nothing of the upstream's.
+        reason: String,
+        /// What went wrong, with the upstream's address: for the log only.
         detail: String,
         /// Calls made.
         attempts: u32,
     },
-    /// A 200 whose body is not a chat completion.
+    /// A 200 whose body is not a text reply.
     Malformed {
-        /// What was wrong with it.
+        /// What was wrong with it, in chatpool's words, quoting nothing the upstream said.
+        reason: String,
+        /// What was wrong with it, with what the upstream said: for the log only.
         detail: String,
     },
     /// The client went away; the call was abandoned and its connection closed.
@@ -113,14 +117,16 @@ impl fmt::Display for UpstreamError {
             UpstreamError::Timeout { after } => {
                 write!(f, "the LLM did not answer within {} ms", after.as_millis())
             }
-            UpstreamError::Transport { detail, attempts } => {
+            UpstreamError::Transport {
+                detail, attempts, ..
+            } => {
                 write!(
                     f,
                     "could not reach the LLM after {}: {detail}",
                     tries(attempts)
                 )
             }
-            UpstreamError::Malformed { detail } => f.write_str(detail),
+            UpstreamError::Malformed { detail, .. } => f.write_str(detail),
             UpstreamError::Cancelled => {
                 f.write_str("the client went away; the LLM call was abandoned")
             }
@@ -142,9 +148,15 @@ enum AttemptError {
         detail: String,
         retry_after: Option<Duration>,
     },
-    Transport(String),
+    Transport {
+        reason: String,
+        detail: String,
+    },
     Timeout,
-    Malformed(String),
+    Malformed {
+        reason: String,
+        detail: String,
+    },
     Cancelled,
 }
 
@@ -152,16 +164,35 @@ impl AttemptError {
     fn retryable(&self) -> bool {
         match self {
             AttemptError::Status { status, .. } => matches!(status, 429 | 500 | 502 | 503 | 504),
-            AttemptError::Transport(_) => true,
-            AttemptError::Timeout | AttemptError::Malformed(_) | AttemptError::Cancelled => false,
+            AttemptError::Transport { .. } => true,
+            AttemptError::Timeout | AttemptError::Malformed { .. } | AttemptError::Cancelled => {
+                false
+            }
+        }
+    }
+
+    /// A connection that failed; `detail` names the upstream, so the client never sees it.
+    fn transport(detail: String) -> AttemptError {
+        AttemptError::Transport {
+            reason: "could not reach the LLM".into(),
+            detail,
         }
     }
 
     /// An answer that is not a reply: worth another try only when a stream was cut short.
+    /// The client's reason never quotes the upstream: not an error object's message (an echoed
+    /// key, a path on the model server), nor the parser's quote of what it could not read.
     fn unusable(e: wire::Unusable) -> AttemptError {
+        let detail = e.to_string();
+        let reason = match &e {
+            wire::Unusable::Error(_) => "the LLM reported an error instead of a reply".into(),
+            // "<chatpool's sentence>: <the parser's error>"; keep the sentence.
+            wire::Unusable::Malformed(m) => m.split(": ").next().unwrap_or(m).to_string(),
+            _ => detail.clone(),
+        };
         match e {
-            wire::Unusable::Truncated => AttemptError::Transport(e.to_string()),
-            e => AttemptError::Malformed(e.to_string()),
+            wire::Unusable::Truncated => AttemptError::Transport { reason, detail },
+            _ => AttemptError::Malformed { reason, detail },
         }
     }
 
@@ -170,9 +201,9 @@ impl AttemptError {
             AttemptError::Status { status: 429, .. } => "rate_limited",
             AttemptError::Status { status, .. } if *status >= 500 => "server_error",
             AttemptError::Status { .. } => "client_error",
-            AttemptError::Transport(_) => "transport_error",
+            AttemptError::Transport { .. } => "transport_error",
             AttemptError::Timeout => "timeout",
-            AttemptError::Malformed(_) => "malformed",
+            AttemptError::Malformed { .. } => "malformed",
             AttemptError::Cancelled => "cancelled",
         }
     }
@@ -378,6 +409,7 @@ impl LlmClient {
             }),
         })
         .map_err(|e| UpstreamError::Malformed {
+            reason: "chatpool could not encode the request".into(),
             detail: format!("cannot encode the request: {e}"),
         })?;
         let deadline = later(Instant::now(), shared.request_timeout);
@@ -418,11 +450,17 @@ impl LlmClient {
                 detail,
                 attempts,
             },
-            AttemptError::Transport(detail) => UpstreamError::Transport { detail, attempts },
+            AttemptError::Transport { reason, detail } => UpstreamError::Transport {
+                reason,
+                detail,
+                attempts,
+            },
             AttemptError::Timeout => UpstreamError::Timeout {
                 after: self.shared.request_timeout,
             },
-            AttemptError::Malformed(detail) => UpstreamError::Malformed { detail },
+            AttemptError::Malformed { reason, detail } => {
+                UpstreamError::Malformed { reason, detail }
+            }
             AttemptError::Cancelled => UpstreamError::Cancelled,
         }
     }
@@ -490,7 +528,7 @@ fn lost(e: ureq::Error, link: &Link, endpoint: &Endpoint) -> AttemptError {
     match (link.slot.stopped(), e) {
         (Some(Stop::Cancelled), _) => AttemptError::Cancelled,
         (Some(Stop::Deadline), _) | (None, ureq::Error::Timeout(_)) => AttemptError::Timeout,
-        (None, e) => AttemptError::Transport(format!("{}: {e}", endpoint.shown)),
+        (None, e) => AttemptError::transport(format!("{}: {e}", endpoint.shown)),
     }
 }
 
@@ -596,8 +634,48 @@ mod tests {
     }
 
     #[test]
+    fn waits_from_outside_are_clamped_before_they_meet_a_clock() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let huge = parse_retry_after("10000000000000000000", now);
+        assert_eq!(huge, Some(MAX_RETRY_AFTER));
+        let far = parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT", now);
+        assert_eq!(far, Some(MAX_RETRY_AFTER));
+        assert_eq!(parse_retry_after("-5", now), None);
+        let t = Instant::now();
+        assert!(later(t, Duration::MAX) > t);
+        assert_eq!(later(t, Duration::from_secs(3)), t + Duration::from_secs(3));
+    }
+
+    #[test]
+    fn credentials_in_the_base_url_are_not_shown() {
+        assert_eq!(
+            without_credentials("http://user:pass@10.0.0.1:8000/v1"),
+            "http://10.0.0.1:8000/v1"
+        );
+        assert_eq!(
+            without_credentials("https://api.openai.com/v1"),
+            "https://api.openai.com/v1"
+        );
+        assert_eq!(without_credentials("a:b@host"), "host");
+    }
+
+    #[test]
+    fn what_the_upstream_said_is_kept_from_the_clients_reason() {
+        let said = |e| match AttemptError::unusable(e) {
+            AttemptError::Malformed { reason, detail } => (reason, detail),
+            _ => panic!("not malformed"),
+        };
+        let (reason, detail) = said(wire::Unusable::Error("sk-abcd is wrong".into()));
+        assert!(!reason.contains("sk-abcd") && detail.contains("sk-abcd"));
+        let quoted = "the LLM's answer is not a chat completion: invalid type: string \"sk-abcd\"";
+        let (reason, detail) = said(wire::Unusable::Malformed(quoted.into()));
+        assert_eq!(reason, "the LLM's answer is not a chat completion");
+        assert_eq!(detail, quoted);
+    }
+
+    #[test]
     fn backoff_is_jittered_under_a_growing_ceiling() {
-        let err = AttemptError::Transport("x".into());
+        let err = AttemptError::transport("x".into());
         for attempts in 1..6 {
             let ceiling = BASE_BACKOFF.saturating_mul(1 << attempts).min(MAX_BACKOFF);
             assert!(backoff(attempts, &err) <= ceiling);
@@ -623,7 +701,8 @@ mod tests {
         for s in [400, 401, 404, 501] {
             assert!(!status(s).retryable(), "{s}");
         }
-        assert!(AttemptError::Transport("reset".into()).retryable());
-        assert!(!AttemptError::Malformed("x".into()).retryable());
+        assert!(AttemptError::transport("reset".into()).retryable());
+        assert!(!AttemptError::unusable(wire::Unusable::Malformed("x".into())).retryable());
+        assert!(AttemptError::unusable(wire::Unusable::Truncated).retryable());
     }
 }

@@ -343,6 +343,10 @@ pub fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
 /// What the fake upstream answers to its n-th request (0-based).
 pub type Script = dyn Fn(usize, &Seen) -> (u16, String) + Send + Sync;
 
+/// As [`Script`], with headers for the answer.
+pub type HeadedScript =
+    dyn Fn(usize, &Seen) -> (u16, Vec<(&'static str, String)>, String) + Send + Sync;
+
 /// A scripted OpenAI-compatible upstream in the test process, recording what it receives.
 pub struct FakeUpstream {
     pub addr: SocketAddr,
@@ -353,6 +357,13 @@ pub struct FakeUpstream {
 
 impl FakeUpstream {
     pub fn start(script: Box<Script>) -> FakeUpstream {
+        FakeUpstream::start_with_headers(Box::new(move |n, seen| {
+            let (status, reply) = script(n, seen);
+            (status, Vec::new(), reply)
+        }))
+    }
+
+    pub fn start_with_headers(script: Box<HeadedScript>) -> FakeUpstream {
         let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").unwrap());
         let addr = server.server_addr().to_ip().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -374,9 +385,13 @@ impl FakeUpstream {
                     log.push(seen.clone());
                     log.len() - 1
                 };
-                let (status, reply) = script(n, &seen);
-                let _ = request
-                    .respond(tiny_http::Response::from_string(reply).with_status_code(status));
+                let (status, headers, reply) = script(n, &seen);
+                let mut response = tiny_http::Response::from_string(reply).with_status_code(status);
+                for (name, value) in headers {
+                    let header = tiny_http::Header::from_bytes(name, value.as_bytes()).unwrap();
+                    response = response.with_header(header);
+                }
+                let _ = request.respond(response);
             }
         });
         FakeUpstream {
@@ -488,6 +503,16 @@ impl EventReader {
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
+    }
+
+    /// The whole response, for one that is not a stream.
+    pub fn into_response(self) -> Response {
+        let (status, headers) = (self.status, self.headers.clone());
+        Response {
+            status,
+            headers,
+            body: self.body().into_bytes(),
+        }
     }
 
     /// The rest of the body, for a response that is not a stream.
