@@ -418,3 +418,38 @@ fn a_request_whose_client_left_while_queued_never_reaches_the_llm() {
     assert!(stored_messages(&work.db(), "left").is_empty());
     answered_at_once("GET /healthz", 200, || get(addr, "/healthz"));
 }
+
+#[test]
+fn a_stream_whose_client_stops_reading_is_cancelled_after_the_client_timeout() {
+    // About 6 MB of reply, more than the socket buffers between server and client hold.
+    let mock = mock_llm(&["--reply-words", "1000000", "--chunks", "1000"]);
+    let work = Workdir::new();
+    let server = work.serve(&format!(
+        "[server]\nclient_timeout_secs = 2\n\n{}",
+        openai_llm(mock.addr, "")
+    ));
+    let addr = server.addr;
+    let body = r#"{"content": "a long one", "stream": true}"#;
+    let request = format!(
+        "POST /v1/chats/unread/messages HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let started = Instant::now();
+    let stalled = Hostile::with_receive_buffer(addr, request.into_bytes(), Some(4096));
+    assert!(eventually(Duration::from_secs(5), || workers_busy(addr) == 1));
+    answered_at_once("GET /healthz", 200, || get(addr, "/healthz"));
+    // The connection gives up after 2 s without progress; its worker stops at its next piece.
+    assert!(
+        eventually(Duration::from_secs(10), || workers_busy(addr) == 0),
+        "worker still busy after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        started.elapsed() > Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(server.log_shows("went away mid-stream"), "{}", server.log());
+    assert!(stored_messages(&work.db(), "unread").is_empty());
+    stalled.stop();
+}
