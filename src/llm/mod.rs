@@ -23,7 +23,7 @@ use std::fmt;
 use std::io::Read;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-use transport::{CallSlot, SlicedConnector, Stop};
+use transport::{CachedResolver, CallSlot, SlicedConnector, Stop};
 use ureq::unversioned::resolver::DefaultResolver;
 use ureq::unversioned::transport::{Connector, RustlsConnector};
 use wire::{ChatMessage, Completion, CompletionRequest, Sampling, StreamFailure, StreamOptions};
@@ -258,7 +258,11 @@ impl Link {
             .max_idle_connections_per_host(1)
             .user_agent(concat!("chatpool/", env!("CARGO_PKG_VERSION")))
             .build();
-        let agent = ureq::Agent::with_parts(config, connector, DefaultResolver::default());
+        let agent = ureq::Agent::with_parts(
+            config,
+            connector,
+            CachedResolver::<DefaultResolver>::default(),
+        );
         Link { agent, slot }
     }
 }

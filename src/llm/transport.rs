@@ -7,6 +7,10 @@
 //! a pooled connection is still alive is one non-blocking peek: the system calls per request
 //! stay close to the reads and writes themselves. TLS, for an `https` base URL, is ureq's
 //! rustls connector layered on top, so it waits the same way.
+//!
+//! ureq 3 resolves the host of every request before it looks for a kept-alive connection, so
+//! [`CachedResolver`] keeps the answer for [`RESOLVED_FOR`]: a host name in `base_url` costs a
+//! lookup twice a minute, not one per call.
 
 use super::cancel::{Cancel, SLICE};
 use parking_lot::Mutex;
@@ -16,9 +20,15 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use ureq::config::Config;
+use ureq::http::Uri;
+use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
 use ureq::unversioned::transport::{
     Buffers, ConnectionDetails, Connector, LazyBuffers, NextTimeout, Transport,
 };
+
+/// How long a resolved address is used before the host is looked up again.
+const RESOLVED_FOR: Duration = Duration::from_secs(30);
 
 const MIN_WAIT: Duration = Duration::from_millis(1);
 
@@ -251,5 +261,85 @@ impl fmt::Debug for SlicedTransport {
         f.debug_struct("SlicedTransport")
             .field("peer", &self.stream.peer_addr().ok())
             .finish()
+    }
+}
+
+/// A resolver (ureq's own by default), asked again only once its last answer is
+/// [`RESOLVED_FOR`] old.
+#[derive(Debug, Default)]
+pub(crate) struct CachedResolver<R = DefaultResolver> {
+    inner: R,
+    last: Mutex<Option<Resolved>>,
+}
+
+#[derive(Debug)]
+struct Resolved {
+    uri: Uri,
+    at: Instant,
+    addrs: ResolvedSocketAddrs,
+}
+
+impl<R: Resolver> Resolver for CachedResolver<R> {
+    fn resolve(
+        &self,
+        uri: &Uri,
+        config: &Config,
+        timeout: NextTimeout,
+    ) -> Result<ResolvedSocketAddrs, ureq::Error> {
+        let same_host =
+            |r: &Resolved| r.uri.scheme() == uri.scheme() && r.uri.authority() == uri.authority();
+        if let Some(last) = self.last.lock().as_ref() {
+            if same_host(last) && last.at.elapsed() < RESOLVED_FOR {
+                return Ok(last.addrs.clone());
+            }
+        }
+        let addrs = self.inner.resolve(uri, config, timeout)?;
+        *self.last.lock() = Some(Resolved {
+            uri: uri.clone(),
+            at: Instant::now(),
+            addrs: addrs.clone(),
+        });
+        Ok(addrs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[derive(Debug, Default)]
+    struct Counting(AtomicUsize);
+
+    impl Resolver for Counting {
+        fn resolve(
+            &self,
+            uri: &Uri,
+            config: &Config,
+            timeout: NextTimeout,
+        ) -> Result<ResolvedSocketAddrs, ureq::Error> {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            DefaultResolver::default().resolve(uri, config, timeout)
+        }
+    }
+
+    #[test]
+    fn a_host_is_resolved_once_for_many_calls_and_again_for_another_host() {
+        let resolver = CachedResolver::<Counting>::default();
+        let config = Config::default();
+        let resolve = |uri: &str| {
+            let uri: Uri = uri.parse().unwrap();
+            resolver
+                .resolve(&uri, &config, NextTimeout::default())
+                .unwrap()
+        };
+        let first = resolve("http://127.0.0.1:9/v1/chat/completions");
+        for _ in 0..5 {
+            assert_eq!(resolve("http://127.0.0.1:9/v1/chat/completions"), first);
+        }
+        assert_eq!(resolver.inner.0.load(Ordering::Relaxed), 1);
+        let other = resolve("http://127.0.0.2:9/v1/chat/completions");
+        assert_ne!(other, first);
+        assert_eq!(resolver.inner.0.load(Ordering::Relaxed), 2);
     }
 }
