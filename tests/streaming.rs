@@ -355,3 +355,35 @@ fn bare_cr_line_ends_and_multi_line_data_events_are_read() {
     );
     assert_eq!(stored_messages(&work.db(), "s")[1].2, "one two three");
 }
+
+#[test]
+fn an_http_1_0_client_gets_a_close_delimited_stream_not_chunks() {
+    use std::io::{Read, Write};
+    let work = Workdir::new();
+    let server = work.serve("");
+    // With and without HTTP/1.0's keep-alive: a stream has no length, so either way it ends
+    // when the server closes the connection, long before the 30 s idle timeout.
+    for connection in ["", "Connection: keep-alive\r\n"] {
+        let mut stream = std::net::TcpStream::connect(server.addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let request = format!(
+            "POST /v1/chats/old/messages HTTP/1.0\r\n{connection}Content-Length: {}\r\n\r\n{STREAM_BODY}",
+            STREAM_BODY.len()
+        );
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut response = String::new();
+        stream
+            .read_to_string(&mut response)
+            .unwrap_or_else(|e| panic!("{connection:?}: the stream did not end: {e}"));
+        let (head, body) = response.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.0 200"), "{head}");
+        assert!(!head.to_ascii_lowercase().contains("chunked"), "{head}");
+        assert!(head.contains("text/event-stream"), "{head}");
+        assert!(body.starts_with("data: {\"delta\""), "{body}");
+        assert!(body.contains("event: done\ndata: "), "{body}");
+        assert!(body.ends_with("\n\n"), "{body}");
+    }
+    assert_eq!(stored_messages(&work.db(), "old").len(), 4);
+}
