@@ -141,3 +141,35 @@ fn a_client_that_hangs_up_during_the_llm_call_frees_its_worker_and_stores_nothin
     assert!(server.log_shows("the client went away during the LLM call"));
     assert!(stored_messages(&work.db(), "left").is_empty());
 }
+
+#[test]
+fn a_call_still_connecting_is_abandoned_too() {
+    // A listener with a full queue that never accepts: further SYNs go unanswered.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // SAFETY: listen(2) on the listener's own descriptor.
+    assert_eq!(
+        unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 0) },
+        0
+    );
+    let addr = listener.local_addr().unwrap();
+    let _queued: Vec<_> = (0..4)
+        .filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok())
+        .collect();
+    let config = LlmConfig {
+        provider: Provider::Openai,
+        base_url: format!("http://{addr}/v1"),
+        connect_timeout_ms: 8000,
+        max_retries: 0,
+        ..LlmConfig::default()
+    };
+    let llm = LlmClient::new(&config, Arc::new(Metrics::new(1, 0)));
+    let flag = Arc::new(AtomicBool::new(false));
+    let call = call_in_background(llm, Cancel::new(Arc::clone(&flag)), None);
+    thread::sleep(Duration::from_millis(300));
+    let cancelled_at = Instant::now();
+    flag.store(true, Ordering::Relaxed);
+    let (result, ended) = call.join().unwrap();
+    assert_eq!(result, Err(UpstreamError::Cancelled));
+    let took = ended - cancelled_at;
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+}

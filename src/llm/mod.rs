@@ -9,6 +9,7 @@
 
 mod breaker;
 pub mod cancel;
+mod connect;
 pub mod mock;
 pub mod prompt;
 mod transport;

@@ -3,7 +3,8 @@
 //! ureq blocks in `read` until the upstream answers. To abandon a call whose client left, or
 //! whose deadline passed, while the upstream is still thinking, every socket here carries a
 //! short timeout ([`SLICE`]) and loops on it, looking at the worker's [`CallSlot`] between
-//! slices. The timeouts are set once per connection, not before every read, and the check that
+//! slices; connecting does the same ([`connect`]). The timeouts are set once per connection,
+//! not before every read, and the check that
 //! a pooled connection is still alive is one non-blocking peek: the system calls per request
 //! stay close to the reads and writes themselves. TLS, for an `https` base URL, is ureq's
 //! rustls connector layered on top, so it waits the same way.
@@ -13,6 +14,7 @@
 //! lookup twice a minute, not one per call.
 
 use super::cancel::{Cancel, SLICE};
+use super::connect;
 use parking_lot::Mutex;
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -138,11 +140,10 @@ impl SlicedConnector {
     fn open(&self, addrs: &[SocketAddr]) -> Result<TcpStream, ureq::Error> {
         let mut last = None;
         for addr in addrs {
-            // A connect is not sliced: the cancel flag is seen after it, within the timeout.
             let timeout = self.slot.left()?.map_or(self.connect_timeout, |left| {
                 left.min(self.connect_timeout).max(MIN_WAIT)
             });
-            match TcpStream::connect_timeout(addr, timeout) {
+            match connect::connect(addr, timeout, || self.slot.allowance())? {
                 Ok(stream) => return Ok(stream),
                 Err(e) => last = Some(e),
             }
