@@ -4,10 +4,10 @@
 //! whose deadline passed, while the upstream is still thinking, every socket here carries a
 //! short timeout ([`SLICE`]) and loops on it, looking at the worker's [`CallSlot`] between
 //! slices; connecting does the same ([`connect`]). The timeouts are set once per connection,
-//! not before every read, and the check that
-//! a pooled connection is still alive is one non-blocking peek: the system calls per request
-//! stay close to the reads and writes themselves. TLS, for an `https` base URL, is ureq's
-//! rustls connector layered on top, so it waits the same way.
+//! not before every read, and the check that a pooled connection is still alive is one
+//! non-blocking peek: the system calls per request stay close to the reads and writes
+//! themselves. TLS, for an `https` base URL, is ureq's rustls connector layered on top, so it
+//! waits the same way.
 //!
 //! ureq 3 resolves the host of every request before it looks for a kept-alive connection, so
 //! [`CachedResolver`] keeps the answer for [`RESOLVED_FOR`]: a host name in `base_url` costs a
