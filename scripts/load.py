@@ -10,6 +10,8 @@ and writes the same as JSON to target/load/. Standard library only.
     scripts/load.py littles_law overload  # some scenarios
     scripts/load.py --duration 5 --bin target/release/chatpool overhead
     scripts/load.py --repeat 3            # each phase three times, then a table of medians
+    scripts/load.py soak --soak-minutes 60 --bin target/release/chatpool   # RSS over an hour
+    scripts/load.py soak --target go:/tmp/cpbench/peers/go/bin/peer-go   # the Go peer, same load
 """
 
 import argparse
@@ -18,6 +20,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -309,6 +312,249 @@ def run_streaming(binary, args, work):
     }
 
 
+# The soak: steady traffic at a fixed rate, RSS sampled, to tell caches filling from a leak.
+# SOAK_CHATS chats, so every chat's history passes the 40-message window within minutes and
+# reads then take a full window; SOAK_CLIENTS keep-alive client connections; the mock LLM takes
+# SOAK_LATENCY_MS and answers SOAK_REPLY_WORDS words, so each request holds a worker a while.
+SOAK_CHATS, SOAK_CLIENTS, SOAK_WORKERS = 2000, 16, 16
+SOAK_LATENCY_MS, SOAK_REPLY_WORDS = 20, 40
+SOAK_CONTENT = "Hello! How does a thread pool decide how many threads it needs, and when to grow?"
+
+
+def rss_bytes(pid):
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+def get(addr, path, timeout=5):
+    conn = http.client.HTTPConnection(addr, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def wait_healthy(addr, proc, seconds=30):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            if get(addr, "/healthz", timeout=2)[0] == 200:
+                return True
+        except OSError:
+            pass
+        time.sleep(0.1)
+    return False
+
+
+class GoPeer:
+    """The Go seed's peer (../shared/peers/go), started with the flags bench/run.py gives it."""
+
+    def __init__(self, path, mock_addr, work):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.addr = f"127.0.0.1:{port}"
+        self.log = open(os.path.join(work, "peer-go.log"), "w")
+        args = [path, "--listen", self.addr, "--max-concurrent", str(SOAK_WORKERS),
+                "--db", os.path.join(work, "chat.db"), "--llm-base-url", f"http://{mock_addr}/v1",
+                "--history-max-messages", "40", "--llm-api-key-env", "LOAD_NO_KEY"]
+        self.p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        if not wait_healthy(self.addr, self.p):
+            self.stop()
+            sys.exit(f"load: {path} did not start; see {self.log.name}")
+
+    def stop(self):
+        Proc.stop(self)
+
+
+def start_target(args, binary, mock, work):
+    kind, _, path = args.target.partition(":")
+    if kind == "go":
+        return GoPeer(os.path.abspath(path), mock.addr, work)
+    config = os.path.join(work, "config.toml")
+    with open(config, "w") as f:
+        f.write(f'[server]\nlisten = "127.0.0.1:0"\nmax_concurrent_requests = {SOAK_WORKERS}\n'
+                f'queue_capacity = {QUEUE_CAPACITY}\nshutdown_grace_secs = 5\n\n'
+                f'[storage]\npath = "{os.path.join(work, "chat.db")}"\n\n'
+                f'[llm]\nprovider = "openai"\nbase_url = "http://{mock.addr}/v1"\n'
+                f'api_key_env = "LOAD_NO_KEY"\nrequest_timeout_ms = 30000\n')
+    return Proc([binary, "--config", config], "listening on http://", os.path.join(work, "chatpool.log"))
+
+
+class SteadyLoad:
+    """`rate` POSTs a second for `seconds`, open loop: request i is due at start + i / rate and
+    goes out then, or as soon as one of the client connections is free. Bounded in count
+    (rate x seconds) and in concurrency (the client connections)."""
+
+    def __init__(self, addr, rate, seconds):
+        self.addr, self.rate, self.total = addr, rate, int(rate * seconds)
+        self.lock = threading.Lock()
+        self.next = 0
+        self.in_flight = set()
+        self.statuses = {}
+        self.latencies = []
+        self.start = time.monotonic()
+
+    def take(self):
+        with self.lock:
+            if self.next >= self.total:
+                return None, None
+            i = self.next
+            self.next += 1
+            chat = fastrand_chat(i)
+            while chat in self.in_flight:
+                chat = (chat + 1) % SOAK_CHATS
+            self.in_flight.add(chat)
+            return i, chat
+
+    def client(self):
+        conn = http.client.HTTPConnection(self.addr, timeout=30)
+        body = json.dumps({"content": SOAK_CONTENT})
+        headers = {"Content-Type": "application/json"}
+        while True:
+            i, chat = self.take()
+            if i is None:
+                break
+            delay = self.start + i / self.rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            sent = time.monotonic()
+            try:
+                conn.request("POST", f"/v1/chats/soak-{chat}/messages", body, headers)
+                response = conn.getresponse()
+                response.read()
+                status = response.status
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                conn = http.client.HTTPConnection(self.addr, timeout=30)
+                status = 0
+            with self.lock:
+                self.in_flight.discard(chat)
+                self.statuses[status] = self.statuses.get(status, 0) + 1
+                self.latencies.append((time.monotonic() - sent) * 1000)
+        conn.close()
+
+    def snapshot(self):
+        """(responses so far by status, latencies since the last snapshot)."""
+        with self.lock:
+            latencies, self.latencies = self.latencies, []
+            return dict(self.statuses), latencies
+
+
+def fastrand_chat(i):
+    # A fixed scramble of the request number: every chat gets traffic, in no particular order.
+    return (i * 2654435761) % (2**32) % SOAK_CHATS
+
+
+def sqlite_gauges(addr):
+    """SQLite's heap and page-cache bytes from chatpool's /metrics, when it exports them."""
+    try:
+        status, body = get(addr, "/metrics")
+    except OSError:
+        return None, None
+    if status != 200:
+        return None, None
+    values = {}
+    for line in body.decode().splitlines():
+        for name in ("chatpool_sqlite_memory_used_bytes", "chatpool_sqlite_page_cache_used_bytes"):
+            if line.startswith(name + " "):
+                values[name] = float(line.split()[1])
+    return (values.get("chatpool_sqlite_memory_used_bytes"),
+            values.get("chatpool_sqlite_page_cache_used_bytes"))
+
+
+def slope_mb_per_min(samples):
+    """Least-squares slope of RSS against time, in MB a minute."""
+    if len(samples) < 2:
+        return None
+    ts = [s["t_s"] / 60 for s in samples]
+    ys = [s["rss_mb"] for s in samples]
+    mt, my = statistics.mean(ts), statistics.mean(ys)
+    den = sum((t - mt) ** 2 for t in ts)
+    return sum((t - mt) * (y - my) for t, y in zip(ts, ys)) / den if den else None
+
+
+def run_soak(binary, args, work):
+    mock = Proc([binary, "mock-llm", "--listen", "127.0.0.1:0", "--latency-ms", str(SOAK_LATENCY_MS),
+                 "--reply-words", str(SOAK_REPLY_WORDS)],
+                "listening on http://", os.path.join(work, "mock.log"))
+    server = start_target(args, binary, mock, work)
+    seconds = args.soak_minutes * 60
+    load = SteadyLoad(server.addr, args.rate, seconds)
+    samples = []
+    try:
+        clients = [threading.Thread(target=load.client, daemon=True) for _ in range(SOAK_CLIENTS)]
+        for c in clients:
+            c.start()
+        while True:
+            t = time.monotonic() - load.start
+            statuses, latencies = load.snapshot()
+            memory, page_cache = sqlite_gauges(server.addr) if args.target == "chatpool" else (None, None)
+            latencies.sort()
+            row = {"t_s": round(t, 1), "rss_mb": round(rss_bytes(server.p.pid) / 2**20, 2),
+                   "responses": sum(statuses.values()),
+                   "non_2xx": sum(n for s, n in statuses.items() if not 200 <= s < 300),
+                   "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
+                   "sqlite_mb": memory and round(memory / 2**20, 2),
+                   "page_cache_mb": page_cache and round(page_cache / 2**20, 2)}
+            samples.append(row)
+            log(f"load: soak {args.target}: {soak_line(row)}")
+            if not any(c.is_alive() for c in clients):
+                break
+            time.sleep(max(0.0, min(args.soak_sample_secs, seconds + 30 - t)))
+            if time.monotonic() - load.start > seconds + 60:
+                log("load: soak: the clients did not finish a minute after the end; stopping")
+                break
+    finally:
+        server.stop()
+        mock.stop()
+    statuses, _ = load.snapshot()
+    last_half = [s for s in samples if s["t_s"] >= seconds / 2]
+    return {
+        "scenario": "soak", "target": args.target, "rate": args.rate, "minutes": args.soak_minutes,
+        "chats": SOAK_CHATS, "clients": SOAK_CLIENTS, "workers": SOAK_WORKERS,
+        "upstream_latency_ms": SOAK_LATENCY_MS, "reply_words": SOAK_REPLY_WORDS,
+        "statuses": {str(s): n for s, n in sorted(statuses.items())},
+        "achieved_rate": round(sum(statuses.values()) / max(samples[-1]["t_s"], 1), 1),
+        "rss_start_mb": samples[0]["rss_mb"], "rss_end_mb": samples[-1]["rss_mb"],
+        "rss_peak_mb": max(s["rss_mb"] for s in samples),
+        "growth_last_half_mb_per_min": slope_mb_per_min(last_half),
+        "samples": samples,
+    }
+
+
+def soak_line(row):
+    return (f"{row['t_s'] / 60:>6.1f} {row['rss_mb']:>8.2f} {row['responses']:>9} {row['non_2xx']:>7} "
+            f"{fmt(row['p50_ms']):>7} {fmt(row['p99_ms']):>7} {fmt(row['sqlite_mb'], 2):>9} "
+            f"{fmt(row['page_cache_mb'], 2):>9}")
+
+
+def print_soak(result):
+    print(f"\nsoak: {result['target']}, {result['rate']} requests/s for {result['minutes']} min "
+          f"({result['chats']} chats, {result['clients']} client connections, {result['workers']} workers, "
+          f"LLM {result['upstream_latency_ms']} ms)")
+    head = (f"{'min':>6} {'RSS MB':>8} {'responses':>9} {'non-2xx':>7} {'p50 ms':>7} {'p99 ms':>7} "
+            f"{'sqlite MB':>9} {'cache MB':>9}")
+    print(head)
+    print("-" * len(head))
+    # Every sample is in the JSON; the table keeps about 40 rows, and always the last.
+    samples = result["samples"]
+    step = max(1, len(samples) // 40)
+    for row in samples[::step] + ([samples[-1]] if (len(samples) - 1) % step else []):
+        print(soak_line(row))
+    growth = result["growth_last_half_mb_per_min"]
+    print(f"statuses {result['statuses']}, {result['achieved_rate']} responses/s; RSS "
+          f"{result['rss_start_mb']:.1f} -> {result['rss_end_mb']:.1f} MB (peak {result['rss_peak_mb']:.1f}); "
+          f"growth over the last half: {fmt(growth, 3)} MB/min (least squares)")
+    print("p50/p99: latency of the responses since the previous sample; sqlite/cache MB: SQLite's heap "
+          "and page cache from /metrics (chatpool only)")
+
+
 def print_streaming(row):
     t = row["ttfb_ms"]
     print(f"\nstreaming: {row['streams']} streams ({row['failed']} failed), {row['clients']} clients on "
@@ -369,15 +615,22 @@ def print_rows(rows):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("scenarios", nargs="*", metavar="SCENARIO",
-                        help=f"any of {', '.join(SCENARIOS)}, streaming (default: all)")
+                        help=f"any of {', '.join(SCENARIOS)}, streaming, soak (default: all but soak)")
     parser.add_argument("--bin", help="chatpool binary (default: build target/release/chatpool)")
     parser.add_argument("--duration", type=int, default=15, help="seconds per measured phase (15)")
     parser.add_argument("--warmup", type=int, default=3, help="seconds of warm-up, 0 for none (3)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs of each phase; with more than one, also a table of medians (1)")
+    parser.add_argument("--soak-minutes", type=float, default=60, help="soak: minutes of traffic (60)")
+    parser.add_argument("--rate", type=float, default=200, help="soak: requests a second (200)")
+    parser.add_argument("--soak-sample-secs", type=float, default=10, help="soak: seconds between RSS samples (10)")
+    parser.add_argument("--target", default="chatpool",
+                        help="soak: chatpool (the --bin binary) or go:PATH, the Go seed's peer-go (chatpool)")
     args = parser.parse_args()
+    if args.target != "chatpool" and not args.target.startswith("go:"):
+        parser.error("--target is chatpool or go:PATH")
     names = args.scenarios or [*SCENARIOS, "streaming"]
-    unknown = [n for n in names if n not in SCENARIOS and n != "streaming"]
+    unknown = [n for n in names if n not in SCENARIOS and n not in ("streaming", "soak")]
     if unknown:
         parser.error(f"unknown scenario {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
     ensure_wrk()
@@ -387,8 +640,13 @@ def main():
         binary = os.path.join(ROOT, "target", "release", "chatpool")
     binary = os.path.abspath(binary)
     rows = []
-    streaming = None
+    streaming = soak = None
     for name in names:
+        if name == "soak":
+            with tempfile.TemporaryDirectory(prefix="chatpool-soak-") as work:
+                log(f"load: soak, {args.target}, {args.rate} requests/s for {args.soak_minutes} min")
+                soak = run_soak(binary, args, work)
+            continue
         if name == "streaming":
             with tempfile.TemporaryDirectory(prefix="chatpool-load-") as work:
                 log(f"load: streaming, {STREAM_CLIENTS} clients, {args.duration} s")
@@ -408,6 +666,9 @@ def main():
     if streaming:
         print_streaming(streaming)
         rows.append(streaming)
+    if soak:
+        print_soak(soak)
+        rows.append(soak)
     out_dir = os.path.join(ROOT, "target", "load")
     os.makedirs(out_dir, exist_ok=True)
     out = os.path.join(out_dir, time.strftime("%Y%m%d-%H%M%S") + ".json")
