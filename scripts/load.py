@@ -321,9 +321,16 @@ SOAK_LATENCY_MS, SOAK_REPLY_WORDS = 20, 40
 SOAK_CONTENT = "Hello! How does a thread pool decide how many threads it needs, and when to grow?"
 
 
-def rss_bytes(pid):
-    with open(f"/proc/{pid}/statm") as f:
-        return int(f.read().split()[1]) * PAGE
+def rss_parts(pid):
+    """Resident MB: the whole, and its anonymous (heap, stacks), file-backed and shared parts."""
+    parts = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem", "Threads"):
+                parts[key] = int(value.split()[0])
+    mb = {k: round(v / 1024, 2) for k, v in parts.items() if k != "Threads"}
+    return mb.get("VmRSS"), mb.get("RssAnon"), mb.get("RssFile"), mb.get("RssShmem"), parts.get("Threads")
 
 
 def get(addr, path, timeout=5):
@@ -496,7 +503,9 @@ def run_soak(binary, args, work):
             statuses, latencies = load.snapshot()
             memory, page_cache = sqlite_gauges(server.addr) if args.target == "chatpool" else (None, None)
             latencies.sort()
-            row = {"t_s": round(t, 1), "rss_mb": round(rss_bytes(server.p.pid) / 2**20, 2),
+            rss, anon, file, shmem, threads = rss_parts(server.p.pid)
+            row = {"t_s": round(t, 1), "rss_mb": rss, "anon_mb": anon, "file_mb": file, "shmem_mb": shmem,
+                   "threads": threads,
                    "responses": sum(statuses.values()),
                    "non_2xx": sum(n for s, n in statuses.items() if not 200 <= s < 300),
                    "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
@@ -529,7 +538,8 @@ def run_soak(binary, args, work):
 
 
 def soak_line(row):
-    return (f"{row['t_s'] / 60:>6.1f} {row['rss_mb']:>8.2f} {row['responses']:>9} {row['non_2xx']:>7} "
+    return (f"{row['t_s'] / 60:>6.1f} {row['rss_mb']:>8.2f} {row['anon_mb']:>7.2f} {row['file_mb']:>6.2f} "
+            f"{row['shmem_mb']:>6.2f} {row['threads']:>4} {row['responses']:>9} {row['non_2xx']:>7} "
             f"{fmt(row['p50_ms']):>7} {fmt(row['p99_ms']):>7} {fmt(row['sqlite_mb'], 2):>9} "
             f"{fmt(row['page_cache_mb'], 2):>9}")
 
@@ -538,7 +548,8 @@ def print_soak(result):
     print(f"\nsoak: {result['target']}, {result['rate']} requests/s for {result['minutes']} min "
           f"({result['chats']} chats, {result['clients']} client connections, {result['workers']} workers, "
           f"LLM {result['upstream_latency_ms']} ms)")
-    head = (f"{'min':>6} {'RSS MB':>8} {'responses':>9} {'non-2xx':>7} {'p50 ms':>7} {'p99 ms':>7} "
+    head = (f"{'min':>6} {'RSS MB':>8} {'anon':>7} {'file':>6} {'shmem':>6} {'thr':>4} {'responses':>9} "
+            f"{'non-2xx':>7} {'p50 ms':>7} {'p99 ms':>7} "
             f"{'sqlite MB':>9} {'cache MB':>9}")
     print(head)
     print("-" * len(head))
@@ -551,8 +562,9 @@ def print_soak(result):
     print(f"statuses {result['statuses']}, {result['achieved_rate']} responses/s; RSS "
           f"{result['rss_start_mb']:.1f} -> {result['rss_end_mb']:.1f} MB (peak {result['rss_peak_mb']:.1f}); "
           f"growth over the last half: {fmt(growth, 3)} MB/min (least squares)")
-    print("p50/p99: latency of the responses since the previous sample; sqlite/cache MB: SQLite's heap "
-          "and page cache from /metrics (chatpool only)")
+    print("anon/file/shmem: the parts of RSS (heap and stacks; the binary and libraries; shared memory, "
+          "such as SQLite's WAL index); thr: threads; p50/p99: latency of the responses since the previous "
+          "sample; sqlite/cache MB: SQLite's heap and page cache from /metrics (chatpool only)")
 
 
 def print_streaming(row):

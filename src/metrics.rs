@@ -4,7 +4,12 @@
 //! counter for a label set takes a lock inside the crate that every thread would share, so each
 //! thread keeps its own handles on the labelled counters it has used, and the per-stage
 //! histograms are resolved once here: updating a metric costs a worker an atomic add, no lock.
+//!
+//! Memory is exported for an operator to watch against the ceiling in the README: the process's
+//! own figures (`process_resident_memory_bytes` and the rest of the Prometheus process collector,
+//! read from /proc when scraped) and SQLite's heap and page cache, set when `/metrics` renders.
 
+use prometheus::process_collector::ProcessCollector;
 use prometheus::IntCounter;
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -48,6 +53,49 @@ pub struct Metrics {
     rejected: IntCounterVec,
     upstream: IntCounterVec,
     upstream_retries: prometheus::IntCounter,
+    sqlite: SqliteGauges,
+}
+
+/// SQLite's memory, as `sqlite3_status64` counts it; set when rendered.
+struct SqliteGauges {
+    heap: IntGauge,
+    heap_highwater: IntGauge,
+    page_cache: IntGauge,
+}
+
+impl SqliteGauges {
+    fn new() -> SqliteGauges {
+        let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid metric");
+        SqliteGauges {
+            heap: gauge(
+                "chatpool_sqlite_memory_used_bytes",
+                "Heap held by SQLite: page caches, schemas, statements.",
+            ),
+            heap_highwater: gauge(
+                "chatpool_sqlite_memory_highwater_bytes",
+                "The most heap SQLite has held since the start.",
+            ),
+            page_cache: gauge(
+                "chatpool_sqlite_page_cache_used_bytes",
+                "Part of SQLite's heap that is page cache, all connections together.",
+            ),
+        }
+    }
+
+    fn collectors(&self) -> [Box<dyn prometheus::core::Collector>; 3] {
+        [
+            Box::new(self.heap.clone()),
+            Box::new(self.heap_highwater.clone()),
+            Box::new(self.page_cache.clone()),
+        ]
+    }
+
+    fn update(&self) {
+        let memory = crate::store::sqlite_memory();
+        self.heap.set(memory.heap);
+        self.heap_highwater.set(memory.heap_highwater);
+        self.page_cache.set(memory.page_cache);
+    }
 }
 
 impl Metrics {
@@ -109,6 +157,8 @@ impl Metrics {
         .expect("valid metric");
         workers_gauge.set(workers as i64);
         queue_capacity_gauge.set(queue_capacity as i64);
+        let sqlite = SqliteGauges::new();
+        let process = Box::new(ProcessCollector::for_self());
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(durations),
@@ -119,7 +169,11 @@ impl Metrics {
             Box::new(rejected.clone()),
             Box::new(upstream.clone()),
             Box::new(upstream_retries.clone()),
-        ] {
+            process,
+        ]
+        .into_iter()
+        .chain(sqlite.collectors())
+        {
             registry
                 .register(collector)
                 .expect("metric names are unique");
@@ -134,6 +188,7 @@ impl Metrics {
             rejected,
             upstream,
             upstream_retries,
+            sqlite,
         }
     }
 
@@ -184,6 +239,7 @@ impl Metrics {
 
     /// The Prometheus text exposition of everything.
     pub fn render(&self) -> Vec<u8> {
+        self.sqlite.update();
         let mut out = Vec::new();
         // Encoding into a Vec fails only on invalid metric names, which `new` already checked.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
@@ -220,6 +276,10 @@ mod tests {
             "chatpool_queue_capacity 8",
             "chatpool_rejected_total{reason=\"overloaded\"} 1",
             "chatpool_upstream_requests_total{outcome=\"ok\"} 1",
+            "process_resident_memory_bytes ",
+            "process_threads ",
+            "chatpool_sqlite_memory_used_bytes ",
+            "chatpool_sqlite_page_cache_used_bytes ",
         ] {
             assert!(text.contains(family), "missing {family} in\n{text}");
         }

@@ -94,7 +94,10 @@ impl Server {
         let path = &config.storage.path;
         let sync = config.storage.synchronous;
         let store_error = |e| StartError::Store(path.clone(), e);
-        let readiness = Store::open_and_migrate(path, sync).map_err(store_error)?;
+        let mut readiness = Store::open_and_migrate(path, sync).map_err(store_error)?;
+        readiness
+            .limit_page_cache(store::READ_CACHE_KIB)
+            .map_err(store_error)?;
         let checkpoints = match config.storage.checkpoint_interval_ms {
             0 => None,
             ms => Some(Duration::from_millis(ms)),

@@ -169,3 +169,65 @@ fn counters_and_histograms_move_by_exactly_the_requests_made() {
     assert_eq!(after.get("chatpool_workers_busy{}"), 0.0);
     assert_eq!(after.get("chatpool_queue_depth{}"), 0.0);
 }
+
+/// A value of the process's own `/proc/PID/status`, in bytes for the `kB` lines.
+fn proc_status(pid: u32, key: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"));
+    let mut words = line.split_whitespace();
+    let value: f64 = words.next().unwrap().parse().unwrap();
+    match words.next() {
+        Some("kB") => value * 1024.0,
+        _ => value,
+    }
+}
+
+#[test]
+fn memory_is_exported_with_the_values_the_process_has() {
+    let work = Workdir::new();
+    let server = work.serve("[server]\nmax_concurrent_requests = 4\n");
+    let addr = server.addr;
+    for n in 0..20 {
+        assert_eq!(send(addr, &format!("m{}", n % 4), "hello").status, 200);
+    }
+    let scrape = Scrape::parse(&get(addr, "/metrics").text());
+    for family in [
+        "process_resident_memory_bytes",
+        "process_virtual_memory_bytes",
+        "process_open_fds",
+        "process_threads",
+        "chatpool_sqlite_memory_used_bytes",
+        "chatpool_sqlite_memory_highwater_bytes",
+        "chatpool_sqlite_page_cache_used_bytes",
+    ] {
+        assert_eq!(
+            scrape.types.get(family).map(String::as_str),
+            Some("gauge"),
+            "{family}"
+        );
+    }
+    let rss = scrape.get("process_resident_memory_bytes{}");
+    let rss_now = proc_status(server.pid(), "VmRSS");
+    assert!(
+        rss > 0.5 * rss_now && rss < 2.0 * rss_now,
+        "exported RSS {rss}, /proc says {rss_now}"
+    );
+    let threads = scrape.get("process_threads{}");
+    assert!(threads >= 4.0 + 2.0, "4 workers and more, got {threads}");
+    assert!(scrape.get("process_open_fds{}") > 0.0);
+    let heap = scrape.get("chatpool_sqlite_memory_used_bytes{}");
+    let cache = scrape.get("chatpool_sqlite_page_cache_used_bytes{}");
+    // Seven connections have read the schema and the messages just stored.
+    assert!(
+        heap > 100_000.0 && heap < rss,
+        "SQLite heap {heap}, RSS {rss}"
+    );
+    assert!(
+        cache > 0.0 && cache < heap,
+        "page cache {cache}, heap {heap}"
+    );
+    assert!(scrape.get("chatpool_sqlite_memory_highwater_bytes{}") >= heap);
+}

@@ -98,11 +98,13 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// SQL for "now" in the API's timestamp format.
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%SZ', 'now')";
 
+mod memory;
 mod readers;
 pub mod transfer;
 mod writer;
 
-pub use readers::{Reader, Readers, MAX_READERS};
+pub use memory::{sqlite_memory, SqliteMemory};
+pub use readers::{Reader, Readers, MAX_READERS, READ_CACHE_KIB};
 pub use writer::Writer;
 
 /// What can go wrong with the database.
@@ -547,6 +549,14 @@ impl Store {
     pub fn checkpoint(&mut self) -> Result<(), StoreError> {
         self.conn
             .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+        Ok(())
+    }
+
+    /// Caps this connection's page cache at `kib` KiB; SQLite's default is 2,000 KiB, held for
+    /// the connection's life once it has read that much.
+    pub fn limit_page_cache(&mut self, kib: u32) -> Result<(), StoreError> {
+        self.conn
+            .execute_batch(&format!("PRAGMA cache_size = -{kib};"))?;
         Ok(())
     }
 

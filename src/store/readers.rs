@@ -15,6 +15,14 @@ use std::path::Path;
 /// Most read connections, whatever the pool size: more than the cores can use at once.
 pub const MAX_READERS: usize = 16;
 
+/// Page cache of a read connection, in KiB: the bound on what each one may hold. A read takes a
+/// 40-message window (a few leaf pages, since a chat's messages are stored together) and the
+/// B-tree pages above it, about ten pages of 4 KiB. Under writes a reader's cache is emptied
+/// at most reads anyway (WAL mode drops it once another connection has committed), but when
+/// nothing commits between reads, say a burst of history pages, it keeps what it read; at
+/// SQLite's default of 2,000 KiB that could reach 32 MB across 16 readers.
+pub const READ_CACHE_KIB: u32 = 256;
+
 /// A fixed set of connections to borrow from.
 #[derive(Clone)]
 pub struct Readers {
@@ -34,7 +42,9 @@ impl Readers {
         let (returns, idle) = crossbeam_channel::bounded(count);
         for _ in 0..count {
             // Cannot fail: the channel has room for every connection and both ends are here.
-            let _ = returns.send(Store::open(path, sync)?);
+            let mut store = Store::open(path, sync)?;
+            store.limit_page_cache(READ_CACHE_KIB)?;
+            let _ = returns.send(store);
         }
         Ok(Readers { idle, returns })
     }

@@ -60,7 +60,9 @@ impl Writer {
             |e: std::io::Error| StoreError::Unavailable(format!("cannot start a thread: {e}"));
         let checkpoints = match checkpoint_every {
             Some(every) => {
-                let checkpointer = Store::open(path, sync)?;
+                let mut checkpointer = Store::open(path, sync)?;
+                // A checkpoint copies WAL frames into the file without caching them.
+                checkpointer.limit_page_cache(super::READ_CACHE_KIB)?;
                 let thread = thread::Builder::new()
                     .name("store-checkpoint".into())
                     .spawn(move || checkpoint_until_stopped(checkpointer, every, stop))
