@@ -240,3 +240,24 @@ fn an_unreachable_upstream_names_neither_its_address_nor_its_credentials_to_the_
     assert!(line.contains(&closed.to_string()), "{line}");
     assert!(!line.contains("hunter2"), "{line}");
 }
+
+#[test]
+fn a_response_head_up_to_16_kib_is_read_and_a_longer_one_is_a_502() {
+    // The first chat's calls get a 12 KiB header, the second's 20 KiB.
+    let upstream = FakeUpstream::start_with_headers(Box::new(|_, seen| {
+        let last = seen.messages().last().map(|(_, text)| text.clone());
+        let size = if last.as_deref() == Some("big") {
+            20
+        } else {
+            12
+        } << 10;
+        (200, vec![("X-Padding", "p".repeat(size))], completion("ok"))
+    }));
+    let work = Workdir::new();
+    let server = work.serve(&openai_llm(upstream.addr, "max_retries = 0\n"));
+    assert_eq!(send(server.addr, "fits", "small").status, 200);
+    let refused = send(server.addr, "too-big", "big");
+    assert_eq!(refused.status, 502, "{}", refused.text());
+    assert_eq!(stored_messages(&work.db(), "fits").len(), 2);
+    assert!(stored_messages(&work.db(), "too-big").is_empty());
+}
