@@ -137,7 +137,11 @@ impl ClientConnection {
     }
 
     fn write(&mut self, bytes: &[u8]) -> Written {
-        match self.writer.write_all(bytes).and_then(|()| self.writer.flush()) {
+        match self
+            .writer
+            .write_all(bytes)
+            .and_then(|()| self.writer.flush())
+        {
             Ok(()) => Written::Reusable,
             Err(_) => Written::Failed,
         }
@@ -166,11 +170,9 @@ impl ClientConnection {
         }
         loop {
             let sent = match pieces.recv_timeout(WATCH_EVERY) {
-                Ok(Piece::Data(data)) if chunked => {
-                    write!(self.writer, "{:x}\r\n", data.len())
-                        .and_then(|()| self.writer.write_all(&data))
-                        .and_then(|()| self.writer.write_all(b"\r\n"))
-                }
+                Ok(Piece::Data(data)) if chunked => write!(self.writer, "{:x}\r\n", data.len())
+                    .and_then(|()| self.writer.write_all(&data))
+                    .and_then(|()| self.writer.write_all(b"\r\n")),
                 Ok(Piece::Data(data)) => self.writer.write_all(&data),
                 Ok(Piece::End) if chunked => return self.write(b"0\r\n\r\n"),
                 Ok(Piece::End) => return Written::Final,

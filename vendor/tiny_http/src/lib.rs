@@ -93,12 +93,11 @@
 
 use std::error::Error;
 use std::io::Error as IoError;
-use std::io::ErrorKind as IoErrorKind;
 use std::io::Result as IoResult;
-use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -110,7 +109,7 @@ use util::MessagesQueue;
 pub use common::{HTTPVersion, Header, HeaderField, Method, StatusCode};
 pub use connection::{ConfigListenAddr, ListenAddr, Listener};
 pub use limits::{ConnectionLimits, Refusal, RefusalResponder};
-pub use parse::parse_request;
+pub use parse::{parse_request, ParsedRequest};
 pub use request::{Request, ResponseStream};
 pub use response::{Response, ResponseBox};
 
@@ -134,27 +133,10 @@ pub struct Server {
     close: Arc<AtomicBool>,
 
     // queue for messages received by child threads
-    messages: Arc<MessagesQueue<Message>>,
+    messages: Arc<MessagesQueue<Request>>,
 
     // result of TcpListener::local_addr()
     listening_addr: ListenAddr,
-}
-
-enum Message {
-    Error(IoError),
-    NewRequest(Request),
-}
-
-impl From<IoError> for Message {
-    fn from(e: IoError) -> Message {
-        Message::Error(e)
-    }
-}
-
-impl From<Request> for Message {
-    fn from(rq: Request) -> Message {
-        Message::NewRequest(rq)
-    }
 }
 
 // The server is shared between threads.
@@ -292,7 +274,7 @@ impl Server {
                 let mut task = Some((client, slot));
                 tasks_pool.spawn(Box::new(move || {
                     if let Some((client, _slot)) = task.take() {
-                        client.serve(|rq| messages.push(rq.into()));
+                        client.serve(|rq| messages.push(rq));
                     }
                 }));
             }
@@ -330,17 +312,15 @@ impl Server {
     /// Blocks until an HTTP request has been submitted and returns it.
     pub fn recv(&self) -> IoResult<Request> {
         match self.messages.pop() {
-            Some(Message::Error(err)) => Err(err),
-            Some(Message::NewRequest(rq)) => Ok(rq),
-            None => Err(IoError::new(IoErrorKind::Other, "thread unblocked")),
+            Some(rq) => Ok(rq),
+            None => Err(IoError::other("thread unblocked")),
         }
     }
 
     /// Same as `recv()` but doesn't block longer than timeout
     pub fn recv_timeout(&self, timeout: Duration) -> IoResult<Option<Request>> {
         match self.messages.pop_timeout(timeout) {
-            Some(Message::Error(err)) => Err(err),
-            Some(Message::NewRequest(rq)) => Ok(Some(rq)),
+            Some(rq) => Ok(Some(rq)),
             None => Ok(None),
         }
     }
@@ -348,8 +328,7 @@ impl Server {
     /// Same as `recv()` but doesn't block.
     pub fn try_recv(&self) -> IoResult<Option<Request>> {
         match self.messages.try_pop() {
-            Some(Message::Error(err)) => Err(err),
-            Some(Message::NewRequest(rq)) => Ok(Some(rq)),
+            Some(rq) => Ok(Some(rq)),
             None => Ok(None),
         }
     }

@@ -108,7 +108,13 @@ pub(crate) fn read_head<R: BufRead>(reader: &mut R, max_head: usize) -> Result<H
     let (method, path, version) = parse_request_line(&line)?;
     let mut headers = Vec::new();
     loop {
-        read_line(reader, &mut line, &mut budget, Refusal::HeadersTooLarge, false)?;
+        read_line(
+            reader,
+            &mut line,
+            &mut budget,
+            Refusal::HeadersTooLarge,
+            false,
+        )?;
         if line.is_empty() {
             break;
         }
@@ -176,7 +182,9 @@ fn is_token_char(b: u8) -> bool {
 /// `METHOD SP request-target SP HTTP-version`, single spaces, no control characters.
 fn parse_request_line(line: &[u8]) -> Result<(Method, String, HTTPVersion), ReadError> {
     if !line.iter().all(|&b| b == b' ' || b.is_ascii_graphic()) {
-        return Err(bad("the request line holds control or non-ASCII characters"));
+        return Err(bad(
+            "the request line holds control or non-ASCII characters",
+        ));
     }
     let mut parts = line.split(|&b| b == b' ');
     let (Some(method), Some(target), Some(version), None) =
@@ -214,9 +222,15 @@ fn parse_header(line: &[u8]) -> Result<Header, ReadError> {
     }
     let is_ows = |b: &u8| *b == b' ' || *b == b'\t';
     let start = value.iter().position(|b| !is_ows(b)).unwrap_or(value.len());
-    let end = value.iter().rposition(|b| !is_ows(b)).map_or(start, |i| i + 1);
+    let end = value
+        .iter()
+        .rposition(|b| !is_ows(b))
+        .map_or(start, |i| i + 1);
     let value = &value[start..end];
-    if !value.iter().all(|&b| b == b' ' || b == b'\t' || b.is_ascii_graphic()) {
+    if !value
+        .iter()
+        .all(|&b| b == b' ' || b == b'\t' || b.is_ascii_graphic())
+    {
         return Err(bad("a header value holds control or non-ASCII characters"));
     }
     let to_ascii = |bytes: &[u8]| AsciiString::from_ascii(bytes.to_vec()).map_err(|_| malformed());
@@ -237,7 +251,9 @@ pub(crate) fn framing(head: &Head) -> Result<Framing, Refusal> {
             ));
         }
         if head.version < HTTPVersion(1, 1) {
-            return Err(Refusal::BadRequest("Transfer-Encoding in an HTTP/1.0 request"));
+            return Err(Refusal::BadRequest(
+                "Transfer-Encoding in an HTTP/1.0 request",
+            ));
         }
         let codings: Vec<&str> = codings
             .flat_map(|v| v.split(','))
@@ -261,7 +277,9 @@ pub(crate) fn framing(head: &Head) -> Result<Framing, Refusal> {
 /// any limit.
 fn parse_length(value: &str) -> Result<Framing, Refusal> {
     if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(Refusal::BadRequest("Content-Length is not a decimal number"));
+        return Err(Refusal::BadRequest(
+            "Content-Length is not a decimal number",
+        ));
     }
     match value.parse::<u64>() {
         Ok(0) => Ok(Framing::Empty),
@@ -327,8 +345,8 @@ fn read_chunked<R: BufRead>(reader: &mut R, limit: usize) -> Result<Body, ReadEr
         if digits.is_empty() || digits.len() > 15 || !digits.iter().all(u8::is_ascii_hexdigit) {
             return Err(malformed());
         }
-        let size = u64::from_str_radix(&String::from_utf8_lossy(digits), 16)
-            .map_err(|_| malformed())?;
+        let size =
+            u64::from_str_radix(&String::from_utf8_lossy(digits), 16).map_err(|_| malformed())?;
         if size == 0 {
             break;
         }
@@ -351,7 +369,13 @@ fn read_chunked<R: BufRead>(reader: &mut R, limit: usize) -> Result<Body, ReadEr
     }
     let mut budget = MAX_TRAILERS;
     loop {
-        read_line(reader, &mut line, &mut budget, Refusal::HeadersTooLarge, false)?;
+        read_line(
+            reader,
+            &mut line,
+            &mut budget,
+            Refusal::HeadersTooLarge,
+            false,
+        )?;
         if line.is_empty() {
             return Ok(Body::Whole(body));
         }
@@ -363,15 +387,26 @@ fn malformed_refusal() -> Refusal {
     Refusal::BadRequest("the chunked body is malformed")
 }
 
+/// A request as [`parse_request`] reads it.
+#[derive(Debug)]
+pub struct ParsedRequest {
+    pub method: Method,
+    pub path: String,
+    pub version: HTTPVersion,
+    pub headers: Vec<Header>,
+    /// `None` when longer than the limit.
+    pub body: Option<Vec<u8>>,
+}
+
 /// Parses one request from `bytes` as a connection reads it: the head within `max_head`
-/// bytes, then the body within `max_body`. Gives the request line's parts, the headers and the
-/// body (`None` when longer than `max_body`), or the refusal the client would get. For
-/// fuzzing and tests of the parser; the server reads sockets.
+/// bytes, then the body within `max_body`. Gives the request, or the refusal the client would
+/// get (`None` when the bytes end before a request does). For fuzzing and tests of the parser;
+/// the server reads sockets.
 pub fn parse_request(
     bytes: &[u8],
     max_head: usize,
     max_body: usize,
-) -> Result<(Method, String, HTTPVersion, Vec<Header>, Option<Vec<u8>>), Option<Refusal>> {
+) -> Result<ParsedRequest, Option<Refusal>> {
     let mut reader = bytes;
     let refusal = |e: ReadError| match e {
         ReadError::Refused(refusal) => Some(refusal),
@@ -384,7 +419,13 @@ pub fn parse_request(
         Body::Whole(body) => Some(body),
         Body::TooLong => None,
     };
-    Ok((head.method, head.path, head.version, head.headers, body))
+    Ok(ParsedRequest {
+        method: head.method,
+        path: head.path,
+        version: head.version,
+        headers: head.headers,
+        body,
+    })
 }
 
 #[cfg(test)]
@@ -408,8 +449,8 @@ mod tests {
 
     #[test]
     fn a_plain_request_and_its_body() {
-        let (head, body) = parse(b"POST /a?b=c HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabcdef")
-            .unwrap();
+        let (head, body) =
+            parse(b"POST /a?b=c HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabcdef").unwrap();
         assert_eq!(head.method, Method::Post);
         assert_eq!(head.path, "/a?b=c");
         assert_eq!(head.headers.len(), 2);
@@ -452,7 +493,13 @@ mod tests {
 
     #[test]
     fn codings_other_than_chunked_are_not_implemented() {
-        for coding in ["gzip", "chunked, gzip", "gzip, chunked", "identity", "chunked, chunked"] {
+        for coding in [
+            "gzip",
+            "chunked, gzip",
+            "gzip, chunked",
+            "identity",
+            "chunked, chunked",
+        ] {
             let request = format!("POST / HTTP/1.1\r\nTransfer-Encoding: {coding}\r\n\r\n");
             assert_eq!(refused(request.as_bytes()).status(), 501, "{coding}");
         }
@@ -471,7 +518,10 @@ mod tests {
 
     #[test]
     fn versions_and_keep_alive() {
-        assert_eq!(refused(b"GET / HTTP/2.0\r\n\r\n"), Refusal::VersionNotSupported);
+        assert_eq!(
+            refused(b"GET / HTTP/2.0\r\n\r\n"),
+            Refusal::VersionNotSupported
+        );
         assert_eq!(refused(b"GET / HTTP/0.9\r\n\r\n").status(), 400);
         let (head, _) = parse(b"GET / HTTP/1.0\r\n\r\n").unwrap();
         assert!(!head.keeps_alive());

@@ -323,15 +323,23 @@ mod tests {
             panic!("no stream");
         };
         assert!(chunked);
-        assert!(String::from_utf8(head).unwrap().contains("Transfer-Encoding: chunked"));
+        assert!(String::from_utf8(head)
+            .unwrap()
+            .contains("Transfer-Encoding: chunked"));
         stream.send(b"one").unwrap();
         assert!(matches!(pieces.try_recv(), Ok(Piece::Data(d)) if d == b"one"));
         drop(pieces);
-        assert_eq!(stream.send(b"two").unwrap_err().kind(), ErrorKind::BrokenPipe);
+        assert_eq!(
+            stream.send(b"two").unwrap_err().kind(),
+            ErrorKind::BrokenPipe
+        );
         assert!(stream.finish().is_err());
 
         let (rq, answer) = request("GET", "HTTP/1.0");
         let _stream = rq.stream(StatusCode(200), Vec::new());
-        assert!(matches!(answer.try_recv(), Ok(Reply::Stream { chunked: false, .. })));
+        assert!(matches!(
+            answer.try_recv(),
+            Ok(Reply::Stream { chunked: false, .. })
+        ));
     }
 }

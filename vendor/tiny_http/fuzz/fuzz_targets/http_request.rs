@@ -11,12 +11,20 @@ const MAX_BODY: usize = 1024;
 
 fuzz_target!(|data: &[u8]| {
     match tiny_http::parse_request(data, MAX_HEAD, MAX_BODY) {
-        Ok((_, path, _, headers, body)) => {
+        Ok(tiny_http::ParsedRequest {
+            path,
+            headers,
+            body,
+            ..
+        }) => {
             assert!(!path.is_empty());
             assert!(path.bytes().all(|b| b.is_ascii_graphic()), "{path:?}");
             let count = |name: &'static str| headers.iter().filter(|h| h.field.equiv(name)).count();
             let (lengths, codings) = (count("Content-Length"), count("Transfer-Encoding"));
-            assert!(lengths <= 1 && (lengths == 0 || codings == 0), "{headers:?}");
+            assert!(
+                lengths <= 1 && (lengths == 0 || codings == 0),
+                "{headers:?}"
+            );
             if let Some(body) = body {
                 assert!(body.len() <= MAX_BODY);
             }
