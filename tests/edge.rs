@@ -199,8 +199,12 @@ fn half_sent_upgrade_posts_pin_no_worker() {
         .map(|_| Hostile::start(addr, half.as_bytes().to_vec()))
         .collect();
     // Their bodies are read on their connections' threads: no worker waits for them.
-    thread::sleep(Duration::from_millis(300));
-    for _ in 0..10 {
+    assert!(eventually(Duration::from_secs(5), || threads_named(
+        server.pid(),
+        "http-conn"
+    ) >= 4));
+    let until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until {
         // The worker of the previous POST counts itself free a moment after its answer.
         assert!(eventually(Duration::from_secs(1), || workers_busy(addr) == 0));
         answered_at_once("POST a message", 200, || send(addr, "other", "served?"));

@@ -23,19 +23,6 @@ fn connect(addr: SocketAddr) -> TcpStream {
     TcpStream::connect(addr).expect("connect")
 }
 
-/// Threads of `pid` whose name starts with `prefix`.
-fn threads_named(pid: u32, prefix: &str) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|tasks| {
-            tasks
-                .filter_map(Result::ok)
-                .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
-                .filter(|name| name.starts_with(prefix))
-                .count()
-        })
-        .unwrap_or(0)
-}
-
 #[test]
 fn idle_and_half_sent_sockets_neither_starve_others_nor_stay_open() {
     let work = Workdir::new();

@@ -290,6 +290,19 @@ pub fn send(addr: SocketAddr, chat: &str, content: &str) -> Response {
     post(addr, &format!("/v1/chats/{chat}/messages"), &body)
 }
 
+/// Threads of `pid` whose name starts with `prefix`.
+pub fn threads_named(pid: u32, prefix: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .filter_map(Result::ok)
+                .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+                .filter(|name| name.starts_with(prefix))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 /// Polls `cond` until it holds or `timeout` passes.
 pub fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
