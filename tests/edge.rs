@@ -241,10 +241,21 @@ fn clients_that_never_or_barely_read_a_large_history_free_their_workers() {
         })
         .collect();
     answered_at_once("GET /healthz", 200, || get(addr, "/healthz"));
-    let freed = eventually(Duration::from_secs(3), || workers_busy(addr) == 0);
-    let took = started.elapsed();
-    assert!(freed, "workers still busy after {took:?}");
-    assert!(took < Duration::from_secs(3), "{took:?}");
+    // The workers render answers until the connections stop asking (their buffers are full:
+    // a few answers each, a second or two of work in a debug build), then have nothing to do.
+    // A worker writing its own answer would stay pinned by the slow readers for as long as
+    // they trickle, and by the others for the timeout on each of their answers in turn.
+    let freed = eventually(Duration::from_secs(20), || workers_busy(addr) == 0);
+    assert!(freed, "workers still busy after {:?}", started.elapsed());
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        assert_eq!(
+            workers_busy(addr),
+            0,
+            "busy again, the clients still connected"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
     answered_at_once("POST a message", 200, || send(addr, "other", "served?"));
     for h in hostile {
         h.stop();
