@@ -59,7 +59,7 @@ fn history_db() -> PathBuf {
 }
 
 fn storage(c: &mut Criterion) {
-    let mut store = Store::open_and_migrate(&history_db(), Synchronous::Normal).expect("open");
+    let store = Store::open_and_migrate(&history_db(), Synchronous::Normal).expect("open");
     let mut chat = 0usize;
     c.bench_function(
         "history window: 40 newest of 100, 1M messages in 10k chats",

@@ -4,6 +4,7 @@
 //! Every key is optional; an unknown section or key is an error, because a misspelt key that
 //! is silently ignored is a setting the operator believes in and does not have.
 
+use crate::validate;
 use serde::Deserialize;
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -256,11 +257,10 @@ impl Config {
             if !hex {
                 return bad(&format!("auth.tokens[{i}].sha256"), "must be 64 hex digits");
             }
-            if !is_valid_tenant(&entry.tenant) {
-                return bad(
-                    &format!("auth.tokens[{i}].tenant"),
-                    "must be 1 to 64 characters of A-Z a-z 0-9 . _ -",
-                );
+            // The key then a colon, as every other refusal here names its key.
+            let key = format!("auth.tokens[{i}].tenant:");
+            if let Err(e) = validate::tenant(&entry.tenant, &key) {
+                return Err(ConfigError(e.0));
             }
             let earlier = &self.auth.tokens[..i];
             if earlier
@@ -352,14 +352,6 @@ impl Config {
                 ))
             })
     }
-}
-
-/// Whether `name` can name a tenant: 1 to 64 characters of `A-Z a-z 0-9 . _ -`.
-pub fn is_valid_tenant(name: &str) -> bool {
-    (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// More workers than this is a typo, not a plan: each one is a thread with its own stack.

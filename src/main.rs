@@ -144,8 +144,9 @@ fn run_transfer(
                 ExitCode::FAILURE
             }
         }
-        Err(e @ transfer::TransferError::Store(_)) => fail(&format!("{}: {e}", path.display())),
-        Err(e) => fail(&e.to_string()),
+        // Started, then failed: not a start-up problem, so the ordinary failure status.
+        Err(e @ transfer::TransferError::Store(_)) => failed(&format!("{}: {e}", path.display())),
+        Err(e) => failed(&e.to_string()),
     }
 }
 
@@ -180,8 +181,8 @@ fn load_config(config_path: Option<&Path>) -> Result<Config, String> {
 }
 
 fn token(tenant: &str) -> ExitCode {
-    if !chatpool::config::is_valid_tenant(tenant) {
-        return fail("a tenant name is 1 to 64 characters of A-Z a-z 0-9 . _ -");
+    if let Err(e) = chatpool::validate::tenant(tenant, "a tenant name") {
+        return fail(&e.0);
     }
     let token = match auth::new_token() {
         Ok(token) => token,
@@ -266,7 +267,14 @@ fn exit_on_second_signal(mut signals: Signals) {
     }
 }
 
+/// Says why chatpool could not start, and exits with [`EXIT_BAD_START`].
 fn fail(message: &str) -> ExitCode {
     eprintln!("chatpool: {message}");
     ExitCode::from(EXIT_BAD_START)
+}
+
+/// Says why a command that had started failed, and exits with the ordinary failure status.
+fn failed(message: &str) -> ExitCode {
+    eprintln!("chatpool: {message}");
+    ExitCode::FAILURE
 }

@@ -13,7 +13,6 @@ use prometheus::process_collector::ProcessCollector;
 use prometheus::IntCounter;
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
@@ -29,20 +28,17 @@ const BUCKETS: &[f64] = &[
     5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 
-/// A labelled counter: (metrics id, family, label, status or 0).
-type HandleKey = (u64, Family, &'static str, u16);
+/// A labelled counter: (family, label, status or 0).
+type HandleKey = (Family, &'static str, u16);
 
 thread_local! {
-    /// This thread's handles on labelled counters, by (metrics id, label, status).
+    /// This thread's handles on labelled counters. Every thread that counts belongs to one
+    /// server (its acceptor, a worker, a connection of its own), so to one `Metrics`.
     static HANDLES: RefCell<HashMap<HandleKey, IntCounter>> = RefCell::new(HashMap::new());
 }
 
-/// Tells apart the `Metrics` of one process (tests make several).
-static NEXT_ID: AtomicU64 = AtomicU64::new(0);
-
 /// Every metric chatpool exports.
 pub struct Metrics {
-    id: u64,
     registry: Registry,
     requests: IntCounterVec,
     stages: Vec<Histogram>,
@@ -179,7 +175,6 @@ impl Metrics {
                 .expect("metric names are unique");
         }
         Metrics {
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             registry,
             requests,
             stages,
@@ -204,7 +199,7 @@ impl Metrics {
             Family::Rejected => &self.rejected,
             Family::Upstream => &self.upstream,
         };
-        let key = (self.id, family, label, status.unwrap_or(0));
+        let key = (family, label, status.unwrap_or(0));
         HANDLES.with(|handles| {
             handles
                 .borrow_mut()

@@ -99,7 +99,7 @@ struct Mock {
 pub fn run(options: MockOptions) -> Result<(), String> {
     let listener = TcpListener::bind(&options.listen)
         .map_err(|e| format!("cannot listen on {}: {e}", options.listen))?;
-    crate::server::widen_backlog(&listener).map_err(|e| e.to_string())?;
+    crate::listen::widen_backlog(&listener).map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     log::info!(
         "mock-llm listening on http://{addr}/v1 (latency {} ms, jitter {} ms, fault {:?})",

@@ -14,6 +14,7 @@ use crate::admission::{Admission, Refusal};
 use crate::api::{self, ApiError, Job, Ops, Target};
 use crate::auth::Auth;
 use crate::config::{Config, ConfigError};
+use crate::listen;
 use crate::llm::LlmClient;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
@@ -22,7 +23,6 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use serde_json::json;
 use std::fmt;
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -116,8 +116,8 @@ impl Server {
         ensure_descriptors(2 * config.server.max_connections + 3 * sqlite_connections + 64);
         let listener =
             TcpListener::bind(&config.server.listen).map_err(|e| bind_error(e.to_string()))?;
-        set_nodelay(&listener)
-            .and_then(|()| widen_backlog(&listener))
+        listen::set_nodelay(&listener)
+            .and_then(|()| listen::widen_backlog(&listener))
             .map_err(|e| bind_error(e.to_string()))?;
         let metrics = Arc::new(Metrics::new(workers, config.server.queue_capacity));
         let limits = connection_limits(&config, Arc::clone(&metrics));
@@ -274,46 +274,6 @@ fn ensure_descriptors(needed: usize) {
              raise it (ulimit -n, or LimitNOFILE= under systemd) or lower max_connections",
             limit.rlim_cur
         );
-    }
-}
-
-/// How many finished handshakes the kernel holds for an accept loop (capped by
-/// `net.core.somaxconn`). std's 128 overflows when a load generator, a proxy or reconnecting
-/// clients open hundreds of connections at once; the overflow's handshakes are dropped and
-/// retried by the client a second later.
-const LISTEN_BACKLOG: libc::c_int = 4096;
-
-/// Widens a listening socket's backlog to [`LISTEN_BACKLOG`] by calling listen(2) again,
-/// which Linux allows.
-pub(crate) fn widen_backlog(listener: &TcpListener) -> std::io::Result<()> {
-    // SAFETY: a valid listening socket fd owned by `listener` for the call.
-    if unsafe { libc::listen(listener.as_raw_fd(), LISTEN_BACKLOG) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-/// Sets TCP_NODELAY on the listening socket; Linux hands it down to every accepted connection.
-/// tiny_http offers no way to set it per connection, and without it the small writes of a
-/// streamed reply wait on the client's delayed ACK (Nagle's algorithm), up to 40 ms a piece.
-fn set_nodelay(listener: &TcpListener) -> std::io::Result<()> {
-    let on: libc::c_int = 1;
-    // SAFETY: a valid socket fd owned by `listener` for the call, and a pointer to an int that
-    // lives across it, with its size.
-    let rc = unsafe {
-        libc::setsockopt(
-            listener.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_NODELAY,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
     }
 }
 

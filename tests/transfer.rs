@@ -123,3 +123,24 @@ fn an_import_warns_of_tenants_no_token_reaches() {
     );
     assert!(!stderr.contains("tenant default;"), "{stderr}");
 }
+
+#[test]
+fn an_export_whose_output_closes_fails_with_status_1_not_the_start_up_status() {
+    let work = Workdir::new();
+    let config = work.config("");
+    // Larger than a pipe holds, so the export is still writing when its reader has gone.
+    let big = "x".repeat(256 << 10);
+    assert!(run(
+        &config,
+        "import",
+        &format!("{}\n", record("big", &big, None))
+    )
+    .status
+    .success());
+    let mut export = spawn(&config, "export", "");
+    drop(export.stdout.take());
+    let out = export.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot write the output"), "{stderr}");
+}

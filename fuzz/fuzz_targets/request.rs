@@ -32,7 +32,7 @@ fuzz_target!(|data: &[u8]| {
     let chats: Vec<&str> = parts.next().into_iter().collect();
     match api::route(&method, url, &chats) {
         Ok(Target::Api(Route::PostMessage { chat_id })) => {
-            assert!(api::route::is_valid_chat_id(&chat_id), "{chat_id:?}");
+            assert!(chatpool::validate::chat_id(&chat_id, "chat_id").is_ok(), "{chat_id:?}");
         }
         Ok(_) => {}
         Err(e) => check(&e),

@@ -3,6 +3,7 @@
 
 use crate::llm::UpstreamError;
 use crate::store::StoreError;
+use crate::validate::Invalid;
 use std::fmt;
 
 /// A request that cannot be answered with success.
@@ -47,6 +48,11 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// A 400 `invalid_request` saying what to change.
+    pub fn invalid(message: impl Into<String>) -> ApiError {
+        ApiError::InvalidRequest(message.into())
+    }
+
     /// The HTTP status and the contract's error `type`.
     pub fn status_and_type(&self) -> (u16, &'static str) {
         match self {
@@ -102,14 +108,6 @@ impl ApiError {
             }
             _ => Vec::new(),
         }
-    }
-
-    /// Whether the fault is on the server's side and belongs in the log at warn or above.
-    pub fn is_server_fault(&self) -> bool {
-        matches!(
-            self,
-            ApiError::Upstream(_) | ApiError::Store(_) | ApiError::Internal(_)
-        )
     }
 
     /// The JSON body: `{"error": {"type", "message", "request_id"}}`.
@@ -179,6 +177,12 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<Invalid> for ApiError {
+    fn from(e: Invalid) -> Self {
+        ApiError::InvalidRequest(e.0)
+    }
+}
+
 impl From<UpstreamError> for ApiError {
     fn from(e: UpstreamError) -> Self {
         ApiError::Upstream(e)
@@ -198,6 +202,7 @@ pub fn log_detail(e: &ApiError) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Cause;
     use std::time::Duration;
 
     #[test]
@@ -258,10 +263,14 @@ mod tests {
         let locked = ApiError::from(StoreError::Busy);
         assert_eq!(locked.status_and_type(), (503, "storage_unavailable"));
         assert_eq!(locked.headers(), [("Retry-After", "1".to_string())]);
-        let full = ApiError::from(StoreError::Unavailable("database or disk is full".into()));
+        let full = ApiError::from(StoreError::Unavailable(Cause::message(
+            "database or disk is full",
+        )));
         assert_eq!(full.status_and_type(), (503, "storage_unavailable"));
         assert!(!full.body("r").to_string().contains("disk is full"));
-        let broken = ApiError::from(StoreError::Sqlite("no such table: messages".into()));
+        let broken = ApiError::from(StoreError::Sqlite(Cause::message(
+            "no such table: messages",
+        )));
         assert_eq!(broken.status_and_type(), (500, "internal"));
     }
 

@@ -327,7 +327,7 @@ impl Handler {
         let started = Instant::now();
         // The connection goes back before the LLM call: it is never held across the network.
         let newest = {
-            let mut store = self.readers.get()?;
+            let store = self.readers.get()?;
             if let Some(key) = &turn.key {
                 if let Some(stored) = store.find_reply(tenant, &chat_id, key)? {
                     // A key stands for one message: reused for another, the stored reply

@@ -8,8 +8,8 @@
 //! answer always comes from the configured model, and says which one that was.
 
 use super::error::ApiError;
-use super::request::{max_tokens, temperature};
 use crate::llm::wire::{join_text_parts, ChatMessage, Sampling, Usage};
+use crate::validate::{max_tokens, temperature};
 use serde_json::{json, Map, Value};
 
 /// A validated `POST /v1/chat/completions` body.
@@ -37,7 +37,7 @@ impl CompletionsRequest {
             .rev()
             .find(|(_, m)| m.role == "user")
             .ok_or_else(|| {
-                invalid("with X-Chat-Id, messages must hold a user message: the new turn".into())
+                ApiError::invalid("with X-Chat-Id, messages must hold a user message: the new turn")
             })?;
         let parts = message
             .verbatim
@@ -49,22 +49,18 @@ impl CompletionsRequest {
             .flatten()
             .position(|p| p["type"] != "text")
         {
-            return Err(invalid(format!(
+            return Err(ApiError::invalid(format!(
                 "messages[{index}].content[{j}] is not a text part; a chat stores text only, \
                  so send it without X-Chat-Id"
             )));
         }
         if message.content.is_empty() {
-            return Err(invalid(format!(
+            return Err(ApiError::invalid(format!(
                 "messages[{index}].content must not be empty"
             )));
         }
         Ok(&message.content)
     }
-}
-
-fn invalid(message: String) -> ApiError {
-    ApiError::InvalidRequest(message)
 }
 
 /// Fields whose answer chatpool could not relay, with the reason, unless they hold the value
@@ -112,7 +108,7 @@ pub fn parse_request(body: &[u8]) -> Result<CompletionsRequest, ApiError> {
                 request.stream = match value {
                     Value::Null => false,
                     Value::Bool(b) => b,
-                    _ => return Err(invalid("stream must be true or false".into())),
+                    _ => return Err(ApiError::invalid("stream must be true or false")),
                 }
             }
             "stream_options" => {
@@ -127,7 +123,7 @@ pub fn parse_request(body: &[u8]) -> Result<CompletionsRequest, ApiError> {
             field => {
                 if let Some((_, what)) = NOT_RELAYED.iter().find(|(f, _)| *f == field) {
                     if !asks_for_text_only(field, &value) {
-                        return Err(invalid(format!(
+                        return Err(ApiError::invalid(format!(
                             "`{field}` is not supported: it asks for {what}, and chatpool \
                              relays only a text reply"
                         )));
@@ -138,12 +134,12 @@ pub fn parse_request(body: &[u8]) -> Result<CompletionsRequest, ApiError> {
             }
         }
     }
-    let messages = messages.ok_or_else(|| invalid("missing field `messages`".into()))?;
+    let messages = messages.ok_or_else(|| ApiError::invalid("missing field `messages`"))?;
     let messages = messages
         .as_array()
-        .ok_or_else(|| invalid("messages must be an array".into()))?;
+        .ok_or_else(|| ApiError::invalid("messages must be an array"))?;
     if messages.is_empty() {
-        return Err(invalid("messages must not be empty".into()));
+        return Err(ApiError::invalid("messages must not be empty"));
     }
     request.messages = messages
         .iter()
@@ -158,16 +154,16 @@ pub fn parse_request(body: &[u8]) -> Result<CompletionsRequest, ApiError> {
 fn parse_message(index: usize, message: &Value) -> Result<ChatMessage, ApiError> {
     let object = message
         .as_object()
-        .ok_or_else(|| invalid(format!("messages[{index}] must be an object")))?;
+        .ok_or_else(|| ApiError::invalid(format!("messages[{index}] must be an object")))?;
     let role = object
         .get("role")
         .and_then(Value::as_str)
-        .ok_or_else(|| invalid(format!("messages[{index}].role must be a string")))?;
+        .ok_or_else(|| ApiError::invalid(format!("messages[{index}].role must be a string")))?;
     let role = match role {
         "system" | "developer" => "system",
         "user" | "assistant" => role,
         other => {
-            return Err(invalid(format!(
+            return Err(ApiError::invalid(format!(
                 "messages[{index}].role `{other}` is not supported; use system, user or assistant"
             )))
         }
@@ -176,7 +172,7 @@ fn parse_message(index: usize, message: &Value) -> Result<ChatMessage, ApiError>
         Some(Value::String(text)) => (text.clone(), true),
         Some(Value::Array(parts)) => (join_text_parts(parts), false),
         _ => {
-            return Err(invalid(format!(
+            return Err(ApiError::invalid(format!(
                 "messages[{index}].content must be a string or a list of parts"
             )))
         }

@@ -3,6 +3,7 @@
 
 use super::error::ApiError;
 use crate::llm::wire::Sampling;
+use crate::validate::{max_tokens, temperature};
 use serde_json::Value;
 use std::io::Read;
 
@@ -42,50 +43,26 @@ pub fn parse_send_message(body: &[u8]) -> Result<SendMessage, ApiError> {
     for (key, value) in &object {
         match key.as_str() {
             "content" => match value.as_str() {
-                Some("") => return Err(invalid("content must not be empty")),
+                Some("") => return Err(ApiError::invalid("content must not be empty")),
                 Some(text) => content = Some(text.to_string()),
-                None => return Err(invalid("content must be a string")),
+                None => return Err(ApiError::invalid("content must be a string")),
             },
             "stream" => match value {
                 Value::Bool(b) => message.stream = *b,
                 Value::Null => {}
-                _ => return Err(invalid("stream must be true or false")),
+                _ => return Err(ApiError::invalid("stream must be true or false")),
             },
             "temperature" => message.sampling.temperature = temperature(value)?,
             "max_tokens" => message.sampling.max_tokens = max_tokens(value)?,
             other => {
-                return Err(invalid(&format!(
+                return Err(ApiError::invalid(format!(
                     "unknown field `{other}`; expected content, stream, temperature or max_tokens"
                 )))
             }
         }
     }
-    message.content = content.ok_or_else(|| invalid("missing field `content`"))?;
+    message.content = content.ok_or_else(|| ApiError::invalid("missing field `content`"))?;
     Ok(message)
-}
-
-/// A `temperature`, the same on both doors: absent (null) or 0 to 2.
-pub fn temperature(value: &Value) -> Result<Option<f64>, ApiError> {
-    match value {
-        Value::Null => Ok(None),
-        v => v
-            .as_f64()
-            .filter(|t| (0.0..=2.0).contains(t))
-            .map(Some)
-            .ok_or_else(|| invalid("temperature must be a number from 0 to 2")),
-    }
-}
-
-/// A `max_tokens`, the same on both doors: absent (null) or a whole number from 1 to 1000000.
-pub fn max_tokens(value: &Value) -> Result<Option<u64>, ApiError> {
-    match value {
-        Value::Null => Ok(None),
-        v => v
-            .as_u64()
-            .filter(|n| (1..=1_000_000).contains(n))
-            .map(Some)
-            .ok_or_else(|| invalid("max_tokens must be a whole number from 1 to 1000000")),
-    }
 }
 
 /// The body as a JSON object, or the `invalid_json`/`invalid_request` error that says why not.
@@ -99,15 +76,11 @@ pub fn json_object(body: &[u8]) -> Result<serde_json::Map<String, Value>, ApiErr
         .map_err(|e| ApiError::InvalidJson(format!("the request body is not valid UTF-8: {e}")))?;
     match serde_json::from_str(text) {
         Ok(Value::Object(object)) => Ok(object),
-        Ok(_) => Err(invalid("the request body must be a JSON object")),
+        Ok(_) => Err(ApiError::invalid("the request body must be a JSON object")),
         Err(e) => Err(ApiError::InvalidJson(format!(
             "the request body is not valid JSON: {e}"
         ))),
     }
-}
-
-fn invalid(message: &str) -> ApiError {
-    ApiError::InvalidRequest(message.to_string())
 }
 
 /// Whether a client-supplied `X-Request-Id` or `Idempotency-Key` is sane: 1 to 128 visible
@@ -121,7 +94,7 @@ pub fn idempotency_key(value: Option<&str>) -> Result<Option<String>, ApiError> 
     match value {
         None => Ok(None),
         Some(key) if is_sane_token(key) => Ok(Some(key.to_string())),
-        Some(_) => Err(invalid(
+        Some(_) => Err(ApiError::invalid(
             "Idempotency-Key must be 1 to 128 visible ASCII characters",
         )),
     }

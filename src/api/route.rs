@@ -2,6 +2,7 @@
 //! acceptor for every request before anything is queued.
 
 use super::error::ApiError;
+use crate::validate;
 use tiny_http::Method;
 
 /// Whoever answers a request.
@@ -190,30 +191,14 @@ fn route_path(method: &Method, url: &str) -> Result<Target, ApiError> {
     Ok(target)
 }
 
-/// Whether `id` is 1 to 128 characters of `A-Z a-z 0-9 . _ -`.
-pub fn is_valid_chat_id(id: &str) -> bool {
-    (1..=128).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
-
 fn chat_id(id: &str) -> Result<String, ApiError> {
-    valid_chat_id(id, "chat_id")
+    validate::chat_id(id, "chat_id")?;
+    Ok(id.to_string())
 }
 
 fn chat_id_from_header(id: &str) -> Result<String, ApiError> {
-    valid_chat_id(id, "X-Chat-Id")
-}
-
-fn valid_chat_id(id: &str, name: &str) -> Result<String, ApiError> {
-    if is_valid_chat_id(id) {
-        Ok(id.to_string())
-    } else {
-        Err(ApiError::InvalidRequest(format!(
-            "{name} must be 1 to 128 characters of A-Z a-z 0-9 . _ -"
-        )))
-    }
+    validate::chat_id(id, "X-Chat-Id")?;
+    Ok(id.to_string())
 }
 
 struct Query {
@@ -383,7 +368,6 @@ mod tests {
                 "{q}"
             );
         }
-        assert!(is_valid_chat_id(&"a".repeat(128)));
     }
 
     #[test]

@@ -11,6 +11,7 @@ use crate::config::Synchronous;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Schema versions, oldest first. Append only: a released entry never changes.
@@ -112,21 +113,48 @@ pub use readers::{Reader, Readers, MAX_READERS, READ_CACHE_KIB};
 pub use writer::Writer;
 
 /// What can go wrong with the database.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum StoreError {
     /// The database stayed locked by another writer for longer than the busy timeout.
     Busy,
-    /// The disk is full or read-only, or the file cannot be read or written.
-    Unavailable(String),
+    /// The disk is full or read-only, the file cannot be read or written, or the connection or
+    /// thread that would do the work is gone.
+    Unavailable(Cause),
     /// The file is not a chatpool database, or one from a newer chatpool.
     Schema(String),
+    /// SQLite would not put the database in WAL mode (it reported this journal mode instead),
+    /// which the writer and the readers beside it need.
+    NotWal(String),
     /// The SQLite library linked in is too old to run chatpool safely; see [`check_sqlite`].
     OldSqlite(String),
     /// What was to be stored breaks a rule of the schema (such as an idempotency key used
     /// twice in one chat); the database is fine.
-    Constraint(String),
+    Constraint(Cause),
     /// Any other SQLite failure.
-    Sqlite(String),
+    Sqlite(Cause),
+}
+
+/// What went wrong underneath a [`StoreError`], kept whole as its `source()`. Shared, since
+/// the failure of one batch is the answer to each exchange in it.
+#[derive(Debug, Clone)]
+pub struct Cause(Arc<dyn std::error::Error + Send + Sync>);
+
+impl Cause {
+    /// A cause that is only a message: no error value lies beneath it.
+    pub fn message(text: impl Into<String>) -> Cause {
+        let boxed: Box<dyn std::error::Error + Send + Sync> = text.into().into();
+        Cause(Arc::from(boxed))
+    }
+
+    fn of(e: impl std::error::Error + Send + Sync + 'static) -> Cause {
+        Cause(Arc::new(e))
+    }
+}
+
+impl fmt::Display for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
 }
 
 impl fmt::Display for StoreError {
@@ -135,6 +163,10 @@ impl fmt::Display for StoreError {
             StoreError::Busy => write!(f, "the database is locked by another writer"),
             StoreError::Unavailable(e) => write!(f, "the database cannot be used: {e}"),
             StoreError::Schema(why) => f.write_str(why),
+            StoreError::NotWal(mode) => write!(
+                f,
+                "cannot switch the database to WAL (journal_mode is {mode})"
+            ),
             StoreError::OldSqlite(version) => write!(
                 f,
                 "SQLite {version} is linked in, older than {OLDEST_SAFE_SQLITE}: its WAL-reset bug \
@@ -146,18 +178,27 @@ impl fmt::Display for StoreError {
     }
 }
 
-impl std::error::Error for StoreError {}
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StoreError::Unavailable(e) | StoreError::Constraint(e) | StoreError::Sqlite(e) => {
+                Some(&*e.0)
+            }
+            _ => None,
+        }
+    }
+}
 
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
         use rusqlite::ErrorCode::*;
         match e.sqlite_error_code() {
             Some(DatabaseBusy | DatabaseLocked) => StoreError::Busy,
-            Some(ConstraintViolation) => StoreError::Constraint(e.to_string()),
+            Some(ConstraintViolation) => StoreError::Constraint(Cause::of(e)),
             Some(DiskFull | ReadOnly | SystemIoFailure | CannotOpen | PermissionDenied) => {
-                StoreError::Unavailable(e.to_string())
+                StoreError::Unavailable(Cause::of(e))
             }
-            _ => StoreError::Sqlite(e.to_string()),
+            _ => StoreError::Sqlite(Cause::of(e)),
         }
     }
 }
@@ -311,10 +352,7 @@ impl Store {
         // here, before any migration runs.
         let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
-            return Err(StoreError::Schema(format!(
-                "{}: cannot switch the database to WAL (journal_mode is {mode})",
-                path.display()
-            )));
+            return Err(StoreError::NotWal(mode));
         }
         let sync = match sync {
             Synchronous::Normal => "NORMAL",
@@ -328,6 +366,14 @@ impl Store {
         conn.execute_batch(&format!("PRAGMA synchronous = {sync};"))?;
         conn.set_prepared_statement_cache_capacity(32);
         Ok(Store { conn })
+    }
+
+    /// Opens a connection that can only read (SQLite refuses any write on it), to a database
+    /// that is already migrated.
+    pub fn open_read_only(path: &Path, sync: Synchronous) -> Result<Store, StoreError> {
+        let store = Store::open(path, sync)?;
+        store.conn.pragma_update(None, "query_only", true)?;
+        Ok(store)
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
@@ -361,14 +407,14 @@ impl Store {
     /// does not fit. Only those rows are loaded: a chat with huge old messages costs their
     /// lengths, not their text.
     pub fn history_window(
-        &mut self,
+        &self,
         tenant: &str,
         chat_id: &str,
         max_messages: usize,
         max_chars: usize,
     ) -> Result<Vec<Message>, StoreError> {
         // One read transaction, so both statements see the same messages.
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.unchecked_transaction()?;
         // length() counts characters, as the window does (up to a NUL, which only makes it
         // load a message more; the prompt's window trims on the text itself).
         let lengths: Vec<(i64, i64)> = tx
@@ -406,7 +452,7 @@ impl Store {
 
     /// The reply stored earlier under this idempotency key in this chat, if any.
     pub fn find_reply(
-        &mut self,
+        &self,
         tenant: &str,
         chat_id: &str,
         key: &str,
@@ -432,7 +478,7 @@ impl Store {
 
     /// The text of the message a stored reply answered: the chat's message just before it.
     pub fn message_before(
-        &mut self,
+        &self,
         tenant: &str,
         chat_id: &str,
         reply_id: i64,
@@ -451,7 +497,7 @@ impl Store {
         let ids = self.commit_all(std::slice::from_ref(exchange))?;
         ids.first()
             .copied()
-            .ok_or_else(|| StoreError::Sqlite("nothing was written".into()))
+            .ok_or_else(|| StoreError::Sqlite(Cause::message("nothing was written")))
     }
 
     /// Stores several exchanges in one transaction and returns each one's reply id, in order.
@@ -482,13 +528,13 @@ impl Store {
     /// Up to `limit` messages older than `before` (or the newest), oldest first; `None` when the
     /// chat does not exist for this tenant.
     pub fn page(
-        &mut self,
+        &self,
         tenant: &str,
         chat_id: &str,
         limit: usize,
         before: Option<i64>,
     ) -> Result<Option<Page>, StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.unchecked_transaction()?;
         let exists = tx
             .prepare_cached("SELECT 1 FROM chats WHERE tenant = ?1 AND chat_id = ?2")?
             .exists(params![tenant, chat_id])?;
@@ -517,11 +563,7 @@ impl Store {
     }
 
     /// The tenant's `limit` most recently updated chats, most recent first.
-    pub fn list_chats(
-        &mut self,
-        tenant: &str,
-        limit: usize,
-    ) -> Result<Vec<ChatSummary>, StoreError> {
+    pub fn list_chats(&self, tenant: &str, limit: usize) -> Result<Vec<ChatSummary>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT chat_id, message_count, created_at, updated_at FROM chats
              WHERE tenant = ?1 ORDER BY last_message_id DESC LIMIT ?2",
@@ -585,7 +627,7 @@ impl Store {
     }
 
     /// Whether the database answers a read, for `/readyz`.
-    pub fn check_readable(&mut self) -> Result<(), StoreError> {
+    pub fn check_readable(&self) -> Result<(), StoreError> {
         self.conn
             .prepare_cached("SELECT count(*) FROM chats WHERE rowid = 0")?
             .query_row([], |_| Ok(()))?;
@@ -740,7 +782,7 @@ mod tests {
         s.append_exchange(&exchange("c", "hi", "hello", None))
             .unwrap();
         drop(s);
-        let mut s = Store::open_and_migrate(&path, Synchronous::Full).unwrap();
+        let s = Store::open_and_migrate(&path, Synchronous::Full).unwrap();
         assert_eq!(s.history_window(T, "c", 10, usize::MAX).unwrap().len(), 2);
     }
 

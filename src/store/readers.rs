@@ -5,11 +5,11 @@
 //! wait on the network, so a worker borrows a connection for one read and gives it back; with
 //! as many connections as a read ever runs in parallel, borrowing almost never waits.
 
-use super::{Store, StoreError};
+use super::{Cause, Store, StoreError};
 use crate::config::Synchronous;
 use crossbeam_channel::{Receiver, Sender};
 use std::mem::ManuallyDrop;
-use std::ops::{Deref, DerefMut};
+use std::ops::Deref;
 use std::path::Path;
 
 /// Most read connections, whatever the pool size: more than the cores can use at once.
@@ -30,7 +30,8 @@ pub struct Readers {
     returns: Sender<Store>,
 }
 
-/// A borrowed connection, returned when dropped.
+/// A borrowed connection, returned when dropped. It lends only `&Store`, whose methods that
+/// take `&self` only read; SQLite refuses a write on it besides (`query_only`).
 pub struct Reader {
     store: ManuallyDrop<Store>,
     returns: Sender<Store>,
@@ -42,7 +43,7 @@ impl Readers {
         let (returns, idle) = crossbeam_channel::bounded(count);
         for _ in 0..count {
             // Cannot fail: the channel has room for every connection and both ends are here.
-            let mut store = Store::open(path, sync)?;
+            let mut store = Store::open_read_only(path, sync)?;
             store.limit_page_cache(READ_CACHE_KIB)?;
             let _ = returns.send(store);
         }
@@ -54,7 +55,7 @@ impl Readers {
         let store = self
             .idle
             .recv()
-            .map_err(|_| StoreError::Unavailable("no read connection is left".into()))?;
+            .map_err(|_| StoreError::Unavailable(Cause::message("no read connection is left")))?;
         Ok(Reader {
             store: ManuallyDrop::new(store),
             returns: self.returns.clone(),
@@ -67,12 +68,6 @@ impl Deref for Reader {
 
     fn deref(&self) -> &Store {
         &self.store
-    }
-}
-
-impl DerefMut for Reader {
-    fn deref_mut(&mut self) -> &mut Store {
-        &mut self.store
     }
 }
 
@@ -97,11 +92,22 @@ mod tests {
         Store::open_and_migrate(&path, Synchronous::Normal).unwrap();
         let readers = Readers::open(&path, Synchronous::Normal, 1).unwrap();
         {
-            let mut reader = readers.get().unwrap();
+            let reader = readers.get().unwrap();
             assert!(reader.check_readable().is_ok());
             assert!(readers.idle.is_empty());
         }
         assert_eq!(readers.idle.len(), 1);
         assert!(readers.get().is_ok());
+    }
+
+    #[test]
+    fn a_read_connection_refuses_to_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        Store::open_and_migrate(&path, Synchronous::Normal).unwrap();
+        let readers = Readers::open(&path, Synchronous::Normal, 1).unwrap();
+        let reader = readers.get().unwrap();
+        let write = reader.conn.execute("DELETE FROM chats", []);
+        assert!(write.is_err(), "{write:?}");
     }
 }

@@ -13,8 +13,7 @@
 //! stops it.
 
 use super::{remove_chat, reserve_message_ids, Store, StoreError};
-use crate::api::route::is_valid_chat_id;
-use crate::config::is_valid_tenant;
+use crate::validate;
 use rusqlite::{params, OptionalExtension, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
@@ -358,12 +357,9 @@ fn each_record(
 fn parse_record(line: &str) -> Result<ChatRecord, String> {
     let record: ChatRecord =
         serde_json::from_str(line).map_err(|e| format!("not a chat record: {e}"))?;
-    if !is_valid_tenant(&record.tenant) {
-        return Err(format!("invalid tenant {:?}", record.tenant));
-    }
-    if !is_valid_chat_id(&record.chat_id) {
-        return Err(format!("invalid chat_id {:?}", record.chat_id));
-    }
+    validate::tenant(&record.tenant, "tenant")
+        .and_then(|()| validate::chat_id(&record.chat_id, "chat_id"))
+        .map_err(|e| format!("{e}: {:?}/{:?}", record.tenant, record.chat_id))?;
     let chat = &record.chat_id;
     if record.messages.is_empty() {
         return Err(format!("chat {chat} has no messages"));

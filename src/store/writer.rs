@@ -16,7 +16,7 @@
 //! crosses the WAL's size threshold would run the checkpoint itself and every worker waiting on
 //! that batch would wait for the disk too.
 
-use super::{Exchange, Store, StoreError};
+use super::{Cause, Exchange, Store, StoreError};
 use crate::config::Synchronous;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::path::Path;
@@ -56,8 +56,9 @@ impl Writer {
         store.disable_autocheckpoint()?;
         let (pending, incoming) = crossbeam_channel::unbounded();
         let (stop_tx, stop) = crossbeam_channel::bounded::<()>(0);
-        let spawn_error =
-            |e: std::io::Error| StoreError::Unavailable(format!("cannot start a thread: {e}"));
+        let spawn_error = |e: std::io::Error| {
+            StoreError::Unavailable(Cause::message(format!("cannot start a thread: {e}")))
+        };
         let checkpoints = match checkpoint_every {
             Some(every) => {
                 let mut checkpointer = Store::open(path, sync)?;
@@ -106,7 +107,7 @@ impl Writer {
         pending: Pending,
         result: Receiver<Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        let gone = || StoreError::Unavailable("the writer thread has stopped".into());
+        let gone = || StoreError::Unavailable(Cause::message("the writer thread has stopped"));
         self.pending.send(pending).map_err(|_| gone())?;
         result.recv().map_err(|_| gone())?
     }
@@ -178,7 +179,7 @@ mod tests {
     fn concurrent_appends_are_all_committed_with_distinct_ids() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("w.db");
-        let mut reader = Store::open_and_migrate(&path, Synchronous::Normal).unwrap();
+        let reader = Store::open_and_migrate(&path, Synchronous::Normal).unwrap();
         let every = Some(Duration::from_millis(50));
         let (writer, thread) = Writer::start(&path, Synchronous::Normal, every).unwrap();
         let workers: Vec<_> = (0..8)
@@ -223,7 +224,7 @@ mod tests {
     fn a_delete_takes_its_place_among_the_appends() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("w.db");
-        let mut reader = Store::open_and_migrate(&path, Synchronous::Normal).unwrap();
+        let reader = Store::open_and_migrate(&path, Synchronous::Normal).unwrap();
         let (writer, thread) = Writer::start(&path, Synchronous::Normal, None).unwrap();
         let exchange = |user: &str| Exchange {
             tenant: DEFAULT_TENANT.into(),
