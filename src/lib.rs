@@ -6,6 +6,7 @@
 //! settings, [`metrics`] what the pool is doing, and [`mock_llm`] a fake LLM server for tests
 //! and load.
 
+pub mod acceptor;
 pub mod admission;
 pub mod api;
 pub mod auth;
@@ -15,6 +16,7 @@ pub mod llm;
 pub mod metrics;
 pub mod mock_llm;
 pub mod pool;
+pub mod readiness;
 pub mod server;
 pub mod store;
 pub mod validate;

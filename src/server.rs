@@ -1,29 +1,27 @@
-//! The server: start-up, the acceptor thread, and shutdown.
+//! The server: start-up and shutdown of chatpool's threads.
 //!
-//! One thread named `acceptor` receives every request from tiny_http. It answers the
-//! operations endpoints itself, refuses what can be refused from the request line and headers
-//! alone, and admits API calls into the bounded job channel with `try_send`, so a full pool is
-//! a 503 at once and never a wait. It owns the channel's only sender: draining drops it, which
-//! lets the workers finish the queue and return.
+//! [`Server::start`] opens the database (the writer thread, the shared read connections, the
+//! readiness thread's connection), binds the address, starts the workers and then the
+//! [`acceptor`](crate::acceptor), which admits requests into the workers' bounded channel.
 //!
-//! Shutdown order: stop admitting (the acceptor drops the sender and keeps answering, so
-//! `/healthz` and `/readyz` stay truthful), wait for the workers up to the grace period, then
-//! stop the acceptor.
+//! Shutdown order: stop admitting (the acceptor drops the channel's sender and keeps
+//! answering, so `/healthz` and `/readyz` stay truthful), wait for the workers up to the grace
+//! period, then stop the acceptor, and with it the readiness thread.
 
-use crate::admission::{Admission, Refusal};
-use crate::api::{self, ApiError, Job, Ops, Target};
+use crate::acceptor::{Acceptor, Control};
+use crate::admission::Admission;
+use crate::api::{self, ApiError, Job};
 use crate::auth::Auth;
 use crate::config::{Config, ConfigError};
 use crate::listen;
 use crate::llm::LlmClient;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
-use crate::store::{self, Readers, Store, StoreError, Writer, MAX_READERS};
-use crossbeam_channel::{Receiver, Sender, TrySendError};
-use serde_json::json;
+use crate::readiness::Readiness;
+use crate::store::{Readers, Store, StoreError, Writer, MAX_READERS, READ_CACHE_KIB};
 use std::fmt;
 use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -61,17 +59,12 @@ impl fmt::Display for StartError {
 
 impl std::error::Error for StartError {}
 
-/// Flags the main thread sets and the acceptor reads.
-struct Control {
-    draining: AtomicBool,
-    stopping: AtomicBool,
-}
-
 /// A running chatpool.
 pub struct Server {
     addr: SocketAddr,
     http: Arc<tiny_http::Server>,
     acceptor: JoinHandle<()>,
+    readiness: JoinHandle<()>,
     pool: Pool,
     writer: JoinHandle<()>,
     control: Arc<Control>,
@@ -85,50 +78,23 @@ pub struct ShutdownReport {
     pub drained: bool,
 }
 
+/// The database as the server uses it: one writer, shared readers, and readiness's connection.
+struct Storage {
+    writer: Writer,
+    writer_thread: JoinHandle<()>,
+    readers: Readers,
+    readiness: Store,
+}
+
 impl Server {
     /// Opens the database, binds the address, starts the workers and the acceptor.
     pub fn start(config: Config) -> Result<Server, StartError> {
         config.validate().map_err(StartError::Config)?;
         let config = Arc::new(config);
         let workers = config.server.max_concurrent_requests;
-        let path = &config.storage.path;
-        let sync = config.storage.synchronous;
-        let store_error = |e| StartError::Store(path.clone(), e);
-        let mut readiness = Store::open_and_migrate(path, sync).map_err(store_error)?;
-        readiness
-            .limit_page_cache(store::READ_CACHE_KIB)
-            .map_err(store_error)?;
-        let checkpoints = match config.storage.checkpoint_interval_ms {
-            0 => None,
-            ms => Some(Duration::from_millis(ms)),
-        };
-        let (writer, writer_thread) =
-            Writer::start(path, sync, checkpoints).map_err(store_error)?;
-        let readers = Readers::open(path, sync, workers.min(MAX_READERS)).map_err(store_error)?;
-
-        let bind_error = |reason: String| StartError::Bind {
-            addr: config.server.listen.clone(),
-            reason,
-        };
-        // Each connection holds two descriptors (tiny_http reads and writes through two handles
-        // of its socket); each SQLite connection up to three (database, WAL, shared memory).
-        let sqlite_connections = workers.min(MAX_READERS) + 3;
-        ensure_descriptors(2 * config.server.max_connections + 3 * sqlite_connections + 64);
-        let listener =
-            TcpListener::bind(&config.server.listen).map_err(|e| bind_error(e.to_string()))?;
-        listen::set_nodelay(&listener)
-            .and_then(|()| listen::widen_backlog(&listener))
-            .map_err(|e| bind_error(e.to_string()))?;
+        let storage = open_storage(&config)?;
         let metrics = Arc::new(Metrics::new(workers, config.server.queue_capacity));
-        let limits = connection_limits(&config, Arc::clone(&metrics));
-        let http = tiny_http::Server::from_listener_with_limits(listener, limits)
-            .map_err(|e| bind_error(e.to_string()))?;
-        let addr = http.server_addr().to_ip().ok_or_else(|| StartError::Bind {
-            addr: config.server.listen.clone(),
-            reason: "not an IP address".into(),
-        })?;
-        let http = Arc::new(http);
-
+        let (http, addr) = bind(&config, &metrics)?;
         let llm = LlmClient::new(&config.llm, Arc::clone(&metrics));
         if config.llm.provider == crate::config::Provider::Openai && !llm.has_key() {
             log::warn!(
@@ -140,8 +106,8 @@ impl Server {
         let handlers: Vec<_> = (0..workers)
             .map(|_| {
                 let mut handler = api::Handler::new(
-                    readers.clone(),
-                    writer.clone(),
+                    storage.readers.clone(),
+                    storage.writer.clone(),
                     llm.clone(),
                     Arc::clone(&config),
                     Arc::clone(&metrics),
@@ -154,11 +120,10 @@ impl Server {
         let limit = workers + config.server.queue_capacity;
         let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(limit);
         let pool = Pool::start(jobs_rx.clone(), handlers).map_err(StartError::Thread)?;
-
-        let control = Arc::new(Control {
-            draining: AtomicBool::new(false),
-            stopping: AtomicBool::new(false),
-        });
+        let (readiness, readiness_thread) =
+            Readiness::start(storage.readiness, Arc::clone(&metrics))
+                .map_err(StartError::Thread)?;
+        let control = Arc::new(Control::default());
         let acceptor = Acceptor {
             http: Arc::clone(&http),
             jobs: Some(jobs_tx),
@@ -170,24 +135,14 @@ impl Server {
             readiness,
             config: Arc::clone(&config),
             started: Instant::now(),
-            refusals: RefusalLog::new(),
         };
-        let (running_tx, running) = crossbeam_channel::bounded(1);
-        let acceptor = thread::Builder::new()
-            .name("acceptor".into())
-            .spawn(move || {
-                let _ = running_tx.send(());
-                acceptor.run()
-            })
-            .map_err(StartError::Thread)?;
-        // As for the workers: once `start` returns, the acceptor is running under its name.
-        let _ = running.recv();
         Ok(Server {
             addr,
             http,
-            acceptor,
+            acceptor: start_acceptor(acceptor)?,
+            readiness: readiness_thread,
             pool,
-            writer: writer_thread,
+            writer: storage.writer_thread,
             control,
             grace: Duration::from_secs(config.server.shutdown_grace_secs),
         })
@@ -205,14 +160,95 @@ impl Server {
         let drained = self.pool.join_until(Instant::now() + self.grace);
         if drained {
             // The workers held the writer's last handles; it returns once their writes are in.
-            let _ = self.writer.join();
+            joined("store-writer", self.writer);
         }
         self.control.stopping.store(true, Ordering::SeqCst);
         self.http.unblock();
-        // The acceptor only answers small requests; it returns at its next receive.
-        let _ = self.acceptor.join();
+        // The acceptor only answers small requests; it returns at its next receive, and the
+        // readiness thread once the acceptor's handle on it is gone.
+        joined("acceptor", self.acceptor);
+        joined("readiness", self.readiness);
         ShutdownReport { drained }
     }
+
+    /// Lets a test make the acceptor's next decision panic.
+    #[cfg(test)]
+    fn panic_acceptor_once(&self) {
+        self.control.panic_next.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Joins a thread, logging it if the thread panicked: its work may be unfinished.
+fn joined(name: &str, thread: JoinHandle<()>) {
+    if thread.join().is_err() {
+        log::error!("the {name} thread panicked; what it had in hand may be lost");
+    }
+}
+
+/// Opens and migrates the database, and opens every connection the server keeps.
+fn open_storage(config: &Config) -> Result<Storage, StartError> {
+    let path = &config.storage.path;
+    let sync = config.storage.synchronous;
+    let store_error = |e| StartError::Store(path.clone(), e);
+    Store::open_and_migrate(path, sync).map_err(store_error)?;
+    let checkpoints = match config.storage.checkpoint_interval_ms {
+        0 => None,
+        ms => Some(Duration::from_millis(ms)),
+    };
+    let (writer, writer_thread) = Writer::start(path, sync, checkpoints).map_err(store_error)?;
+    let count = config.server.max_concurrent_requests.min(MAX_READERS);
+    let mut readiness = Store::open_read_only(path, sync).map_err(store_error)?;
+    readiness
+        .limit_page_cache(READ_CACHE_KIB)
+        .map_err(store_error)?;
+    Ok(Storage {
+        writer,
+        writer_thread,
+        readers: Readers::open(path, sync, count).map_err(store_error)?,
+        readiness,
+    })
+}
+
+/// Binds the listening socket and starts tiny_http on it; returns it and the address bound.
+fn bind(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+) -> Result<(Arc<tiny_http::Server>, SocketAddr), StartError> {
+    let bind_error = |reason: String| StartError::Bind {
+        addr: config.server.listen.clone(),
+        reason,
+    };
+    // Each connection holds two descriptors (tiny_http reads and writes through two handles
+    // of its socket); each SQLite connection up to three (database, WAL, shared memory).
+    let sqlite_connections = config.server.max_concurrent_requests.min(MAX_READERS) + 3;
+    ensure_descriptors(2 * config.server.max_connections + 3 * sqlite_connections + 64);
+    let listener =
+        TcpListener::bind(&config.server.listen).map_err(|e| bind_error(e.to_string()))?;
+    listen::set_nodelay(&listener)
+        .and_then(|()| listen::widen_backlog(&listener))
+        .map_err(|e| bind_error(e.to_string()))?;
+    let limits = connection_limits(config, Arc::clone(metrics));
+    let http = tiny_http::Server::from_listener_with_limits(listener, limits)
+        .map_err(|e| bind_error(e.to_string()))?;
+    let addr = http
+        .server_addr()
+        .to_ip()
+        .ok_or_else(|| bind_error("not an IP address".into()))?;
+    Ok((Arc::new(http), addr))
+}
+
+/// Starts the acceptor thread; once this returns, it is running under its name.
+fn start_acceptor(acceptor: Acceptor) -> Result<JoinHandle<()>, StartError> {
+    let (running_tx, running) = crossbeam_channel::bounded(1);
+    let thread = thread::Builder::new()
+        .name("acceptor".into())
+        .spawn(move || {
+            let _ = running_tx.send(());
+            acceptor.run()
+        })
+        .map_err(StartError::Thread)?;
+    let _ = running.recv();
+    Ok(thread)
 }
 
 /// The longest request line plus headers a client may send; more is a 414 or 431.
@@ -277,231 +313,98 @@ fn ensure_descriptors(needed: usize) {
     }
 }
 
-/// The acceptor thread's state; nothing else touches it.
-struct Acceptor {
-    http: Arc<tiny_http::Server>,
-    /// The only sender of the job channel; `None` once draining.
-    jobs: Option<Sender<Job>>,
-    /// The workers' end of the channel, kept only to read the queue's length.
-    queue: Receiver<Job>,
-    admission: Admission,
-    auth: Auth,
-    metrics: Arc<Metrics>,
-    control: Arc<Control>,
-    readiness: Store,
-    config: Arc<Config>,
-    started: Instant,
-    refusals: RefusalLog,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
 
-/// Requests refused by the acceptor in storms (401, 404, 409 and 503), summed up in one info
-/// line a second.
-struct RefusalLog {
-    since: Instant,
-    counts: Vec<(&'static str, u64)>,
-}
-
-impl RefusalLog {
-    const EVERY: Duration = Duration::from_secs(1);
-
-    fn new() -> RefusalLog {
-        RefusalLog {
-            since: Instant::now(),
-            counts: Vec::new(),
-        }
+    /// A server on a free loopback port with the built-in mock LLM, and its temp folder.
+    fn serve(workers: usize, queue: usize, latency_ms: u64) -> (Server, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.server.listen = "127.0.0.1:0".into();
+        config.server.max_concurrent_requests = workers;
+        config.server.queue_capacity = queue;
+        config.storage.path = dir.path().join("chat.db");
+        config.llm.mock_latency_ms = latency_ms;
+        (Server::start(config).unwrap(), dir)
     }
 
-    fn count(&mut self, kind: &'static str) {
-        match self.counts.iter_mut().find(|(k, _)| *k == kind) {
-            Some((_, n)) => *n += 1,
-            None => self.counts.push((kind, 1)),
-        }
+    /// Sends one request and returns the status and body.
+    fn ask(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        // A dead acceptor would leave the client waiting: fail instead.
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let status = response[9..12].parse().unwrap();
+        let body = response.split_once("\r\n\r\n").unwrap().1.to_string();
+        (status, body)
     }
 
-    /// Logs what was refused since the last line, once a second at most.
-    fn log_if_due(&mut self) {
-        let elapsed = self.since.elapsed();
-        if elapsed < Self::EVERY {
-            return;
-        }
-        if !self.counts.is_empty() {
-            let total: u64 = self.counts.iter().map(|(_, n)| n).sum();
-            let kinds: Vec<String> = self
-                .counts
-                .iter()
-                .map(|(k, n)| format!("{k} {n}"))
-                .collect();
-            log::info!(
-                "refused {total} requests in {:.1}s ({}); a line each at debug level",
-                elapsed.as_secs_f64(),
-                kinds.join(", ")
+    fn post(addr: SocketAddr, chat: &str) -> (u16, String) {
+        ask(
+            addr,
+            "POST",
+            &format!("/v1/chats/{chat}/messages"),
+            r#"{"content":"hi"}"#,
+        )
+    }
+
+    fn workers_busy(addr: SocketAddr) -> i64 {
+        let (_, body) = ask(addr, "GET", "/status", "");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["workers_busy"]
+            .as_i64()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_panic_in_the_acceptor_is_a_500_and_admission_goes_on() {
+        let (server, _dir) = serve(1, 4, 0);
+        let addr = server.addr();
+        server.panic_acceptor_once();
+        let (status, body) = post(addr, "c");
+        assert_eq!(status, 500, "{body}");
+        assert!(body.contains(r#""type":"internal""#), "{body}");
+        assert_eq!(post(addr, "c").0, 200);
+        assert_eq!(ask(addr, "GET", "/healthz", "").0, 200);
+        assert!(server.shutdown().drained);
+    }
+
+    #[test]
+    fn the_acceptor_routes_refuses_and_admits_without_waiting_on_workers() {
+        let (server, _dir) = serve(1, 0, 2_000);
+        let addr = server.addr();
+        let held = std::thread::spawn(move || post(addr, "slow"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while workers_busy(addr) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the first POST never reached a worker"
             );
-            self.counts.clear();
+            std::thread::sleep(Duration::from_millis(10));
         }
-        self.since = Instant::now();
-    }
-}
-
-impl Acceptor {
-    fn run(mut self) {
-        loop {
-            if self.control.draining.load(Ordering::SeqCst) && self.jobs.take().is_some() {
-                log::info!(
-                    "draining: no new requests are admitted; {} in flight",
-                    self.admission.in_flight()
-                );
-            }
-            self.refusals.log_if_due();
-            // Wakes at least once a second for the refusals summary. `unblock()` ends the wait
-            // too, behind the requests already received, which are answered first.
-            let stopping = || self.control.stopping.load(Ordering::SeqCst);
-            match self.http.recv_timeout(RefusalLog::EVERY) {
-                Ok(Some(request)) => self.dispatch(request),
-                Ok(None) if stopping() => return,
-                Ok(None) => {}
-                Err(_) if stopping() => return,
-                Err(e) => {
-                    if !self.control.draining.load(Ordering::SeqCst) {
-                        log::warn!("accepting a connection failed: {e}");
-                    }
-                }
-            }
-        }
-    }
-
-    fn dispatch(&mut self, request: tiny_http::Request) {
-        let received = Instant::now();
-        let request_id = api::header(&request, "X-Request-Id")
-            .filter(|id| api::request::is_sane_token(id))
-            .map(str::to_string)
-            .unwrap_or_else(api::new_request_id);
-        let chat_headers: Vec<&str> = api::headers(&request, "X-Chat-Id").collect();
-        match api::route(request.method(), request.url(), &chat_headers) {
-            Ok(Target::Ops(ops)) => {
-                let response = self.ops(ops);
-                self.metrics.request(ops.name(), response.status_code().0);
-                api::respond(request, response, &request_id);
-            }
-            Ok(Target::Api(route)) => {
-                let name = route.name();
-                if let Err(error) = self.admit(request, route, &request_id, received) {
-                    let (request, error) = *error;
-                    self.reject(request, name, &error, &request_id, received);
-                }
-            }
-            Err(error) => self.reject(request, "unknown", &error, &request_id, received),
-        }
-    }
-
-    /// Queues an API call, or gives the request back with the error that refuses it.
-    fn admit(
-        &mut self,
-        request: tiny_http::Request,
-        route: api::Route,
-        request_id: &str,
-        received: Instant,
-    ) -> Result<(), Box<(tiny_http::Request, ApiError)>> {
-        let Some(jobs) = &self.jobs else {
-            return Err(Box::new((request, ApiError::ShuttingDown)));
-        };
-        let authorization: Vec<&str> = api::headers(&request, "Authorization").collect();
-        let tenant = match self.auth.tenant(&authorization) {
-            Ok(tenant) => tenant.to_string(),
-            Err(e) => return Err(Box::new((request, ApiError::Unauthorized(e.message())))),
-        };
-        // Read whole by the connection's thread, unless longer than the limit.
-        if request.body_exceeds_limit() {
-            let limit = self.config.server.max_body_bytes;
-            return Err(Box::new((request, ApiError::PayloadTooLarge { limit })));
-        }
-        let busy_key = route.busy_chat().map(|chat| format!("{tenant}/{chat}"));
-        let ticket = match self.admission.admit(busy_key.as_deref()) {
-            Ok(ticket) => ticket,
-            Err(Refusal::Full) => return Err(Box::new((request, ApiError::Overloaded))),
-            Err(Refusal::ChatBusy) => return Err(Box::new((request, ApiError::ChatBusy))),
-        };
-        let job = Job {
-            request,
-            route,
-            tenant,
-            request_id: request_id.to_string(),
-            received,
-            ticket,
-        };
-        match jobs.try_send(job) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
-                Err(Box::new((job.request, ApiError::Overloaded)))
-            }
-        }
-    }
-
-    fn reject(
-        &mut self,
-        request: tiny_http::Request,
-        route: &'static str,
-        error: &ApiError,
-        request_id: &str,
-        received: Instant,
-    ) {
-        let (status, kind) = error.status_and_type();
-        if status == 503 || status == 409 {
-            self.metrics.rejected(kind);
-        }
-        // Refusals come in storms: a client retrying each 503 at once, or one with a wrong
-        // token or a wrong path in a loop, can send tens of thousands a second.
-        let summarised = matches!(status, 401 | 404 | 409 | 503);
-        let (method, url) = (request.method().to_string(), request.url().to_string());
-        api::respond(request, api::error_response(error, request_id), request_id);
-        self.metrics.request(route, status);
-        let millis = received.elapsed().as_secs_f64() * 1e3;
-        if summarised {
-            // A line for each would cost more than the answer and could fill the disk; each
-            // one still has a debug line, and the info log a summary a second.
-            log::debug!("{method} {url} {status} {millis:.1}ms request_id={request_id}");
-            self.refusals.count(kind);
-        } else {
-            api::log_request(&method, &url, status, millis, request_id);
-        }
-    }
-
-    fn ops(&mut self, ops: Ops) -> api::HttpResponse {
-        let draining = self.jobs.is_none();
-        match ops {
-            Ops::Healthz => api::json_response(200, &json!({"status": "ok"})),
-            Ops::Readyz => {
-                if draining {
-                    return api::json_response(503, &json!({"status": "draining"}));
-                }
-                match self.readiness.check_readable() {
-                    Ok(()) => api::json_response(200, &json!({"status": "ready"})),
-                    Err(e) => {
-                        log::warn!("readiness check: {e}");
-                        api::json_response(503, &json!({"status": "database unavailable"}))
-                    }
-                }
-            }
-            Ops::Status => api::json_response(
-                200,
-                &json!({
-                    "version": env!("CARGO_PKG_VERSION"),
-                    "uptime_secs": self.started.elapsed().as_secs(),
-                    "workers": self.config.server.max_concurrent_requests,
-                    "workers_busy": self.metrics.workers_busy.get(),
-                    "queue_depth": self.queue.len(),
-                    "queue_capacity": self.config.server.queue_capacity,
-                    "draining": draining,
-                    "sqlite_version": store::sqlite_version(),
-                }),
-            ),
-            Ops::Metrics => {
-                self.metrics.queue_depth.set(self.queue.len() as i64);
-                api::with_header(
-                    tiny_http::Response::from_data(self.metrics.render()),
-                    "Content-Type",
-                    "text/plain; version=0.0.4; charset=utf-8",
-                )
-            }
-        }
+        let started = Instant::now();
+        assert_eq!(ask(addr, "GET", "/healthz", "").0, 200);
+        assert_eq!(ask(addr, "GET", "/readyz", "").0, 200);
+        assert_eq!(post(addr, "slow").0, 409, "the chat is busy");
+        assert_eq!(post(addr, "other").0, 503, "the pool is full");
+        assert_eq!(ask(addr, "GET", "/nowhere", "").0, 404);
+        assert_eq!(ask(addr, "PUT", "/v1/chats", "").0, 405);
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(held.join().unwrap().0, 200);
+        assert!(server.shutdown().drained);
     }
 }

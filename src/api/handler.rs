@@ -1,32 +1,36 @@
-//! The worker side of the API: what one worker thread does with one job.
+//! The worker side of the API: what one worker thread does with one job, read top to bottom.
 //!
-//! A [`Handler`] holds what a worker needs: the shared read connections, the writer, its LLM
-//! client. It turns a job into a response (or an event stream), catching a panic as a 500 so the
-//! thread lives on, and releases the job's ticket before the answer is written, so a client that
-//! sends its next message the moment it has the reply never finds its own chat still busy.
+//! [`Handler::run`] takes the job, lets [`Handler::answer`] compute its [`Answer`] as a value
+//! (a panic becomes a 500, so the thread lives on), releases the job's ticket, and hands the
+//! answer to the job's one [`Responder`], which writes it. A message turn goes through four
+//! stages, each a function from values to a value: [`Turn`] parses the request, `prior` reads
+//! the chat (its history window, or the stored reply of a replayed key), `complete` asks the
+//! LLM (passing a stream's pieces to the responder as they come), and `store` hands the
+//! exchange to the writer thread.
 
 use super::error::{log_detail, ApiError};
 use super::openai;
-use super::request::{idempotency_key, parse_send_message, read_body};
+use super::request::read_body;
+use super::responder::{Answer, Responder, Timings, CLIENT_GONE};
 use super::route::Route;
-use super::sse::EventStream;
-use super::{error_response, header, json_response, log_request, respond, HttpResponse};
+use super::turn::{ChatTurn, Prior, Reply, Turn};
+use super::{header, json_response, log_request, HttpResponse};
 use crate::admission::Ticket;
 use crate::config::Config;
 use crate::llm::prompt;
-use crate::llm::wire::{ChatMessage, Completion, Sampling, Usage};
-use crate::llm::{Cancel, LlmClient};
+use crate::llm::wire::{ChatMessage, Completion};
+use crate::llm::{Cancel, LlmClient, Sink};
 use crate::metrics::Metrics;
-use crate::store::{Exchange, Message, Readers, StoredReply, Writer};
+use crate::store::{Exchange, Readers, StoredReply, Writer};
 use serde_json::json;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// One admitted API request on its way to a worker.
 pub struct Job {
-    /// The client's request, body still unread.
+    /// The client's request, read whole by its connection.
     pub request: tiny_http::Request,
     /// Where it goes.
     pub route: Route,
@@ -36,8 +40,20 @@ pub struct Job {
     pub request_id: String,
     /// When the acceptor received it.
     pub received: Instant,
-    /// Its place in the pool, released when the job is done.
+    /// Its place in the pool, released when the answer is settled.
     pub ticket: Ticket,
+}
+
+/// What the stages read of a job's request; the responder owns the request itself.
+struct Asked {
+    route: Route,
+    tenant: String,
+    request_id: String,
+    /// The `Idempotency-Key` header, unchecked.
+    key: Option<String>,
+    body: Vec<u8>,
+    /// Set by the client's connection when the client hangs up, and by a stream's failed send.
+    hangup: Arc<AtomicBool>,
 }
 
 /// A worker's resources for serving API requests.
@@ -47,28 +63,6 @@ pub struct Handler {
     llm: LlmClient,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
-}
-
-/// Where a request's time went.
-struct Timings {
-    received: Instant,
-    queued: Duration,
-    history: Option<Duration>,
-    llm: Option<Duration>,
-    store: Option<Duration>,
-}
-
-impl Timings {
-    fn as_json(&self) -> serde_json::Value {
-        let ms = |d: Option<Duration>| (d.unwrap_or_default().as_secs_f64() * 1e6).round() / 1e3;
-        json!({
-            "queued": ms(Some(self.queued)),
-            "history": ms(self.history),
-            "llm": ms(self.llm),
-            "store": ms(self.store),
-            "total": ms(Some(self.received.elapsed())),
-        })
-    }
 }
 
 impl Handler {
@@ -89,323 +83,218 @@ impl Handler {
         }
     }
 
-    /// Serves one job to the end: handle, respond, count, log.
+    /// Serves one job to the end: answer, release the ticket, write, count, log.
     pub fn run(&mut self, job: Job) {
         let Job {
-            request,
+            mut request,
             route,
             tenant,
             request_id,
             received,
             ticket,
         } = job;
-        let (method, url) = (request.method().to_string(), request.url().to_string());
+        let (method, url, name) = (
+            request.method().to_string(),
+            request.url().to_string(),
+            route.name(),
+        );
         if request.client_gone() {
             log::info!("request_id={request_id} {method} {url}: the client left while it was queued; dropped");
-            self.metrics.request(route.name(), CLIENT_GONE);
+            self.metrics.request(name, CLIENT_GONE);
             return;
         }
         self.metrics.workers_busy.inc();
-        let mut call = Call {
-            hangup: request.hangup(),
-            request: Some(request),
-            request_id,
-            created: openai::now_secs(),
-            ticket: Some(ticket),
-            timings: Timings {
-                received,
-                queued: received.elapsed(),
-                history: None,
-                llm: None,
-                store: None,
-            },
-        };
+        let mut timings = Timings::new(received);
         log::debug!(
-            "request_id={} queued: {:.3} ms before a worker took it",
-            call.request_id,
-            call.timings.queued.as_secs_f64() * 1e3
+            "request_id={request_id} queued: {:.3} ms before a worker took it",
+            timings.queued.as_secs_f64() * 1e3
         );
-        let outcome = catch_unwind(AssertUnwindSafe(|| self.handle(&mut call, &route, &tenant)));
-        let response = match outcome {
-            Ok(Ok(Outcome::Respond(response))) => Some(response),
-            Ok(Ok(Outcome::Streamed | Outcome::Abandoned)) => None,
-            Ok(Err(error)) => {
-                if let Some(detail) = log_detail(&error) {
-                    log::warn!(
-                        "request_id={} {} failed: {detail}",
-                        call.request_id,
-                        route.name()
-                    );
-                }
-                Some(error_response(&error, &call.request_id))
-            }
-            Err(_) => {
-                log::error!(
-                    "request_id={} {} panicked; answered 500",
-                    call.request_id,
-                    route.name()
-                );
-                Some(error_response(
-                    &ApiError::Internal("handler panicked".into()),
-                    &call.request_id,
-                ))
-            }
+        let asked = read_body(request.as_reader()).map(|body| Asked {
+            key: header(&request, "Idempotency-Key").map(str::to_string),
+            hangup: request.hangup(),
+            route,
+            tenant,
+            request_id: request_id.clone(),
+            body,
+        });
+        let mut responder = Responder::new(request, &request_id, self.llm.model());
+        let answer = match asked {
+            Ok(asked) => self.guarded(&asked, &mut responder, &mut timings),
+            Err(error) => Answer::Failed(error),
         };
-        call.ticket = None;
-        let status = match (response, call.request.take()) {
-            (Some(response), Some(request)) => {
-                let status = response.status_code().0;
-                respond(request, response, &call.request_id);
-                status
-            }
-            _ if call.client_gone() => CLIENT_GONE,
-            // The response went out as an event stream, whose head said 200.
-            _ => 200,
-        };
-        let total = received.elapsed();
-        self.metrics.request(route.name(), status);
-        let t = &call.timings;
-        let stages = [Some(t.queued), t.history, t.llm, t.store, Some(total)];
+        if let Some(detail) = failure_detail(&answer) {
+            log::warn!("request_id={request_id} {name} failed: {detail}");
+        }
+        // Released before the answer is written, so a client that posts again the moment it
+        // has its answer never finds its own chat still busy.
+        drop(ticket);
+        let status = responder.finish(answer, &timings);
+        self.metrics.request(name, status);
+        let stages = timings.stages();
         for (index, stage) in stages.into_iter().enumerate() {
             if let Some(d) = stage {
                 self.metrics.observe_stage(index, d.as_secs_f64());
             }
         }
-        log_request(
-            &method,
-            &url,
-            status,
-            total.as_secs_f64() * 1e3,
-            &call.request_id,
-        );
+        let total = stages[4].unwrap_or_default().as_secs_f64() * 1e3;
+        log_request(&method, &url, status, total, &request_id);
         self.metrics.workers_busy.dec();
     }
 
-    fn handle(
+    /// [`Handler::answer`], with a panic caught as a 500: it costs one request, not the worker.
+    fn guarded(
         &mut self,
-        call: &mut Call,
-        route: &Route,
-        tenant: &str,
-    ) -> Result<Outcome, ApiError> {
-        let response = match route {
-            Route::PostMessage { chat_id } => return self.post_message(call, tenant, chat_id),
+        asked: &Asked,
+        responder: &mut Responder,
+        timings: &mut Timings,
+    ) -> Answer {
+        let answer = catch_unwind(AssertUnwindSafe(|| self.answer(asked, responder, timings)));
+        answer.unwrap_or_else(|_| {
+            log::error!(
+                "request_id={} {} panicked; answered 500",
+                asked.request_id,
+                asked.route.name()
+            );
+            Answer::Failed(ApiError::Internal("handler panicked".into()))
+        })
+    }
+
+    /// What the request is answered with: a turn's reply, a response computed whole, or the
+    /// error that refuses it.
+    fn answer(
+        &mut self,
+        asked: &Asked,
+        responder: &mut Responder,
+        timings: &mut Timings,
+    ) -> Answer {
+        let (key, tenant) = (asked.key.as_deref(), asked.tenant.as_str());
+        let answer = match &asked.route {
+            Route::PostMessage { chat_id } => Turn::native(chat_id, &asked.body, key)
+                .and_then(|turn| self.take_turn(turn, asked, responder, timings)),
+            Route::ChatCompletions { chat_id } => {
+                Turn::openai(chat_id.as_deref(), &asked.body, key)
+                    .and_then(|turn| self.take_turn(turn, asked, responder, timings))
+            }
             Route::GetMessages {
                 chat_id,
                 limit,
                 before,
-            } => {
-                let page = self
-                    .readers
-                    .get()?
-                    .page(tenant, chat_id, *limit, *before)?
-                    .ok_or_else(|| no_such_chat(chat_id))?;
-                let messages: Vec<_> = page
-                    .messages
-                    .iter()
-                    .map(|m| json!({"id": m.id, "role": m.role, "content": m.content, "created_at": m.created_at}))
-                    .collect();
-                json_response(
-                    200,
-                    &json!({"chat_id": chat_id, "messages": messages, "has_more": page.has_more}),
-                )
-            }
-            Route::ListChats { limit } => {
-                let chats: Vec<_> = self
-                    .readers
-                    .get()?
-                    .list_chats(tenant, *limit)?
-                    .into_iter()
-                    .map(|c| {
-                        json!({"chat_id": c.chat_id, "message_count": c.message_count,
-                               "created_at": c.created_at, "updated_at": c.updated_at})
-                    })
-                    .collect();
-                json_response(200, &json!({ "chats": chats }))
-            }
-            Route::DeleteChat { chat_id } => {
-                if !self.writer.delete(tenant, chat_id)? {
-                    return Err(no_such_chat(chat_id));
-                }
-                tiny_http::Response::from_data(Vec::new()).with_status_code(204)
-            }
-            Route::ChatCompletions { chat_id } => {
-                return self.chat_completions(call, tenant, chat_id.as_deref())
-            }
-            Route::ListModels => json_response(200, &openai::models(self.llm.model())),
+            } => self
+                .page(tenant, chat_id, *limit, *before)
+                .map(Answer::Response),
+            Route::ListChats { limit } => self.chat_list(tenant, *limit).map(Answer::Response),
+            Route::DeleteChat { chat_id } => self.delete(tenant, chat_id).map(Answer::Response),
+            Route::ListModels => Ok(Answer::Response(json_response(
+                200,
+                &openai::models(self.llm.model()),
+            ))),
         };
-        Ok(Outcome::Respond(response))
+        answer.unwrap_or_else(Answer::Failed)
     }
 
-    fn post_message(
-        &mut self,
-        call: &mut Call,
-        tenant: &str,
-        chat_id: &str,
-    ) -> Result<Outcome, ApiError> {
-        let request = call.request()?;
-        let key = idempotency_key(header(request, "Idempotency-Key"))?;
-        let body = read_body(request.as_reader(), self.config.server.max_body_bytes)?;
-        let message = parse_send_message(&body)?;
-        let turn = Turn {
-            chat_id: Some(chat_id.to_string()),
-            key,
-            user: Some(message.content.clone()),
-            messages: Vec::new(),
-            sampling: message.sampling,
-            stream: message.stream,
-            format: Format::Native,
-        };
-        let system_prompt = self.config.history.system_prompt.clone();
-        self.with_history(call, tenant, turn, |window| {
-            prompt::assemble(&system_prompt, window, &message.content)
-        })
-    }
-
-    fn chat_completions(
-        &mut self,
-        call: &mut Call,
-        tenant: &str,
-        chat_id: Option<&str>,
-    ) -> Result<Outcome, ApiError> {
-        let request = call.request()?;
-        let key = idempotency_key(header(request, "Idempotency-Key"))?;
-        let body = read_body(request.as_reader(), self.config.server.max_body_bytes)?;
-        let parsed = openai::parse_request(&body)?;
-        let format = Format::OpenAi {
-            include_usage: parsed.include_usage,
-        };
-        let Some(chat_id) = chat_id else {
-            if key.is_some() {
-                return Err(ApiError::InvalidRequest(
-                    "Idempotency-Key needs X-Chat-Id: a stateless relay stores no reply to \
-                     replay"
-                        .into(),
-                ));
-            }
-            // A stateless relay: the conversation goes upstream as the client wrote it.
-            let turn = Turn {
-                chat_id: None,
-                key: None,
-                user: None,
-                messages: parsed.messages,
-                sampling: parsed.sampling,
-                stream: parsed.stream,
-                format,
-            };
-            return self.take_turn(call, tenant, turn);
-        };
-        let user = parsed.new_turn()?.to_string();
-        let turn = Turn {
-            chat_id: Some(chat_id.to_string()),
-            key,
-            user: Some(user),
-            messages: Vec::new(),
-            sampling: parsed.sampling,
-            stream: parsed.stream,
-            format,
-        };
-        let system_prompt = self.config.history.system_prompt.clone();
-        self.with_history(call, tenant, turn, |window| {
-            prompt::around_client(&system_prompt, window, parsed.messages)
-        })
-    }
-
-    /// Answers a replay from the stored reply, or reads the chat's history window, lets
-    /// `assemble` build the prompt around it, and takes the turn.
-    fn with_history(
-        &mut self,
-        call: &mut Call,
-        tenant: &str,
-        mut turn: Turn,
-        assemble: impl FnOnce(&[Message]) -> Vec<ChatMessage>,
-    ) -> Result<Outcome, ApiError> {
-        let chat_id = turn.chat_id.clone().unwrap_or_default();
-        let (max_messages, max_chars) = (
-            self.config.history.max_messages,
-            self.config.history.max_chars,
-        );
-        let started = Instant::now();
-        // The connection goes back before the LLM call: it is never held across the network.
-        let newest = {
-            let store = self.readers.get()?;
-            if let Some(key) = &turn.key {
-                if let Some(stored) = store.find_reply(tenant, &chat_id, key)? {
-                    // A key stands for one message: reused for another, the stored reply
-                    // would answer a question that was not asked.
-                    let asked = store.message_before(tenant, &chat_id, stored.message_id)?;
-                    if asked.is_some() && asked != turn.user {
-                        return Err(ApiError::IdempotencyKeyReused);
-                    }
-                    drop(store);
-                    call.timings.history = Some(started.elapsed());
-                    let answer = Answer::Stored {
-                        chat_id,
-                        reply: stored,
-                        replayed: true,
-                        // Not stored with the reply; a stored reply was complete.
-                        finish_reason: "stop".into(),
-                    };
-                    return self.answer(call, &turn, Ok(answer), None);
-                }
-            }
-            store.history_window(tenant, &chat_id, max_messages, max_chars)?
-        };
-        let window = prompt::window(newest, max_chars);
-        turn.messages = assemble(&window);
-        call.timings.history = Some(started.elapsed());
-        log::debug!(
-            "request_id={} history: {} earlier messages in the window, {:.3} ms",
-            call.request_id,
-            window.len(),
-            started.elapsed().as_secs_f64() * 1e3
-        );
-        self.take_turn(call, tenant, turn)
-    }
-
-    /// Calls the LLM (streaming pieces to the client if asked), stores the exchange when the
-    /// turn belongs to a chat, and answers in the turn's format.
+    /// A turn through its stages: the chat's prior state, the LLM, the store.
     fn take_turn(
         &mut self,
-        call: &mut Call,
-        tenant: &str,
-        turn: Turn,
-    ) -> Result<Outcome, ApiError> {
-        let started = Instant::now();
-        let mut stream: Option<EventStream> = None;
-        // The client's connection sets the flag when it hangs up, and so does a stream's
-        // write that finds it gone: either way the call is abandoned at its next wait.
-        let cancel = Cancel::new(Arc::clone(&call.hangup));
-        let completion = if turn.stream {
-            let (request, request_id) = (&mut call.request, call.request_id.as_str());
-            let hangup = &call.hangup;
-            let format = turn.format;
-            let chunks =
-                openai::Chunks::new(&completion_id(request_id), call.created, self.llm.model());
-            let mut first = true;
-            let mut sink = |piece: &str| {
-                let data = match format {
-                    Format::Native => json!({ "delta": piece }),
-                    Format::OpenAi { .. } => chunks.delta(piece, first),
-                };
-                first = false;
-                if !send_event(&mut stream, request, request_id, &data.to_string()) {
-                    hangup.store(true, Ordering::SeqCst);
+        mut turn: Turn,
+        asked: &Asked,
+        responder: &mut Responder,
+        timings: &mut Timings,
+    ) -> Result<Answer, ApiError> {
+        let window = match &turn.chat {
+            Some(chat) => {
+                let started = Instant::now();
+                let prior = self.prior(&asked.tenant, chat)?;
+                timings.history = Some(started.elapsed());
+                match prior {
+                    Prior::Replay(stored) => {
+                        let reply = Reply::stored(&chat.chat_id, stored, None);
+                        return Ok(Answer::Reply(reply, turn.shape));
+                    }
+                    Prior::Window(window) => window,
                 }
-            };
-            self.llm.complete(
-                &turn.messages,
-                turn.sampling.clone(),
-                Some(&mut sink),
-                &cancel,
-            )
-        } else {
-            self.llm
-                .complete(&turn.messages, turn.sampling.clone(), None, &cancel)
+            }
+            None => Vec::new(),
         };
-        call.timings.llm = Some(started.elapsed());
+        log::debug!(
+            "request_id={} history: {} earlier messages in the window",
+            asked.request_id,
+            window.len()
+        );
+        let messages = turn.prompt(&self.config.history.system_prompt, &window);
+        let completion = self.complete(&turn, &messages, asked, responder, timings);
+        if asked.hangup.load(Ordering::SeqCst) {
+            let when = if turn.shape.stream {
+                "mid-stream"
+            } else {
+                "during the LLM call"
+            };
+            log::info!(
+                "request_id={}: the client went away {when}; nothing stored",
+                asked.request_id
+            );
+            return Ok(Answer::Abandoned);
+        }
+        let reply = match &turn.chat {
+            Some(chat) => self.store(&asked.tenant, chat, completion?, timings)?,
+            None => Reply::relayed(completion?),
+        };
+        Ok(Answer::Reply(reply, turn.shape))
+    }
+
+    /// The chat before this turn: the reply stored under its idempotency key, or else its
+    /// history window. The read connection goes back before the LLM call: it is never held
+    /// across the network.
+    fn prior(&self, tenant: &str, chat: &ChatTurn) -> Result<Prior, ApiError> {
+        let store = self.readers.get()?;
+        let stored = match &chat.key {
+            Some(key) => store.find_reply(tenant, &chat.chat_id, key)?,
+            None => None,
+        };
+        if let Some(stored) = stored {
+            // A key stands for one message: reused for another, the stored reply would answer
+            // a question that was not asked.
+            let asked = store.message_before(tenant, &chat.chat_id, stored.message_id)?;
+            if asked.is_some_and(|asked| asked != chat.user) {
+                return Err(ApiError::IdempotencyKeyReused);
+            }
+            return Ok(Prior::Replay(stored));
+        }
+        let history = &self.config.history;
+        let newest = store.history_window(
+            tenant,
+            &chat.chat_id,
+            history.max_messages,
+            history.max_chars,
+        )?;
+        Ok(Prior::Window(prompt::window(newest, history.max_chars)))
+    }
+
+    /// Asks the LLM, passing a streamed reply's pieces to the responder as they come. The call
+    /// is abandoned once the client hangs up or a piece finds it gone.
+    fn complete(
+        &self,
+        turn: &Turn,
+        messages: &[ChatMessage],
+        asked: &Asked,
+        responder: &mut Responder,
+        timings: &mut Timings,
+    ) -> Result<Completion, ApiError> {
+        let started = Instant::now();
+        let cancel = Cancel::new(Arc::clone(&asked.hangup));
+        let format = turn.shape.format;
+        let mut deltas = |piece: &str| {
+            if !responder.delta(format, piece) {
+                asked.hangup.store(true, Ordering::SeqCst);
+            }
+        };
+        let sink: Option<&mut Sink<'_>> = turn.shape.stream.then_some(&mut deltas);
+        let completion = self
+            .llm
+            .complete(messages, turn.sampling.clone(), sink, &cancel);
+        timings.llm = Some(started.elapsed());
         log::debug!(
             "request_id={} llm: {} after {:.1} ms",
-            call.request_id,
+            asked.request_id,
             if completion.is_ok() {
                 "answered"
             } else {
@@ -413,284 +302,181 @@ impl Handler {
             },
             started.elapsed().as_secs_f64() * 1e3
         );
-        if call.client_gone() {
-            let when = if turn.stream {
-                "mid-stream"
-            } else {
-                "during the LLM call"
-            };
-            log::info!(
-                "request_id={}: the client went away {when}; nothing stored",
-                call.request_id
-            );
-            return Ok(Outcome::Abandoned);
-        }
-        let completion = match completion {
-            Ok(completion) => completion,
-            Err(e) if stream.is_some() => return self.answer(call, &turn, Err(e.into()), stream),
-            Err(e) => return Err(e.into()),
-        };
-        let (Some(chat_id), Some(user)) = (&turn.chat_id, &turn.user) else {
-            return self.answer(call, &turn, Ok(Answer::Relayed(completion)), stream);
-        };
+        Ok(completion?)
+    }
+
+    /// Hands the exchange to the writer thread and waits until it is committed.
+    fn store(
+        &self,
+        tenant: &str,
+        chat: &ChatTurn,
+        completion: Completion,
+        timings: &mut Timings,
+    ) -> Result<Reply, ApiError> {
         let started = Instant::now();
         let usage = completion
             .usage
             .map(|u| (u.prompt_tokens, u.completion_tokens));
-        let stored = self.writer.append(Exchange {
+        let message_id = self.writer.append(Exchange {
             tenant: tenant.to_string(),
-            chat_id: chat_id.clone(),
-            user: user.clone(),
+            chat_id: chat.chat_id.clone(),
+            user: chat.user.clone(),
             reply: completion.content.clone(),
             model: completion.model.clone(),
             usage,
-            idempotency_key: turn.key.clone(),
+            idempotency_key: chat.key.clone(),
         });
-        call.timings.store = Some(started.elapsed());
-        log::debug!(
-            "request_id={} store: {} in {:.3} ms",
-            call.request_id,
-            if stored.is_ok() {
-                "committed"
-            } else {
-                "failed"
-            },
-            started.elapsed().as_secs_f64() * 1e3
-        );
-        let answer = stored
-            .map_err(ApiError::from)
-            .map(|message_id| Answer::Stored {
-                chat_id: chat_id.clone(),
-                reply: StoredReply {
-                    message_id,
-                    content: completion.content,
-                    model: completion.model,
-                    usage,
-                },
-                replayed: false,
-                finish_reason: completion.finish_reason,
-            });
-        self.answer(call, &turn, answer, stream)
+        timings.store = Some(started.elapsed());
+        let stored = StoredReply {
+            message_id: message_id?,
+            content: completion.content,
+            model: completion.model,
+            usage,
+        };
+        Ok(Reply::stored(
+            &chat.chat_id,
+            stored,
+            Some(completion.finish_reason),
+        ))
     }
 
-    /// Writes the end of a turn: a JSON response, or the closing events of a stream (opening
-    /// one if no piece did). The chat is released first, so a client that posts again the
-    /// moment it has the answer does not find its chat busy.
-    fn answer(
+    /// A page of a chat's messages.
+    fn page(
         &self,
-        call: &mut Call,
-        turn: &Turn,
-        answer: Result<Answer, ApiError>,
-        stream: Option<EventStream>,
-    ) -> Result<Outcome, ApiError> {
-        let id = completion_id(&call.request_id);
-        let body = |answer: &Answer| match (answer, turn.format) {
-            (Answer::Stored { chat_id, reply, .. }, Format::Native) => {
-                reply_json(chat_id, reply, &call.timings)
-            }
-            (answer, _) => {
-                let (content, model, usage) = answer.parts();
-                openai::completion(&id, model, content, usage, answer.finish_reason())
-            }
-        };
-        if !turn.stream {
-            return Ok(Outcome::Respond(json_response(200, &body(&answer?))));
+        tenant: &str,
+        chat_id: &str,
+        limit: usize,
+        before: Option<i64>,
+    ) -> Result<HttpResponse, ApiError> {
+        let page = self.readers.get()?.page(tenant, chat_id, limit, before)?;
+        let page = page.ok_or_else(|| no_such_chat(chat_id))?;
+        let messages: Vec<_> = page
+            .messages
+            .iter()
+            .map(|m| json!({"id": m.id, "role": m.role, "content": m.content, "created_at": m.created_at}))
+            .collect();
+        let body = json!({"chat_id": chat_id, "messages": messages, "has_more": page.has_more});
+        Ok(json_response(200, &body))
+    }
+
+    /// The tenant's most recently updated chats.
+    fn chat_list(&self, tenant: &str, limit: usize) -> Result<HttpResponse, ApiError> {
+        let chats: Vec<_> = self
+            .readers
+            .get()?
+            .list_chats(tenant, limit)?
+            .into_iter()
+            .map(|c| {
+                json!({"chat_id": c.chat_id, "message_count": c.message_count,
+                       "created_at": c.created_at, "updated_at": c.updated_at})
+            })
+            .collect();
+        Ok(json_response(200, &json!({ "chats": chats })))
+    }
+
+    /// Deletes a chat, through the writer thread like every write.
+    fn delete(&self, tenant: &str, chat_id: &str) -> Result<HttpResponse, ApiError> {
+        if !self.writer.delete(tenant, chat_id)? {
+            return Err(no_such_chat(chat_id));
         }
-        let mut stream = match stream {
-            Some(stream) => stream,
-            None => {
-                let request = call.request.take().ok_or_else(answered)?;
-                EventStream::start(request, &call.request_id)
-            }
-        };
-        call.ticket = None;
-        let sent = match (&answer, turn.format) {
-            (Err(error), format) => {
-                if let Some(detail) = log_detail(error) {
-                    log::warn!("request_id={} stream failed: {detail}", call.request_id);
-                }
-                let name = (format == Format::Native).then_some("error");
-                stream.send(name, &error.body(&call.request_id).to_string())
-            }
-            // A replay sends its stored reply whole, as one piece, so a client that builds the
-            // text from the pieces has it.
-            (Ok(answer), Format::Native) => {
-                let replay = answer
-                    .is_replay()
-                    .then(|| json!({ "delta": answer.parts().0 }));
-                replay
-                    .map_or(Ok(()), |piece| stream.send(None, &piece.to_string()))
-                    .and_then(|()| stream.send(Some("done"), &body(answer).to_string()))
-            }
-            (Ok(answer), Format::OpenAi { include_usage }) => {
-                let (content, _, usage) = answer.parts();
-                let chunks = openai::Chunks::new(&id, call.created, self.llm.model());
-                let mut events = Vec::new();
-                if answer.is_replay() {
-                    events.push(chunks.delta(content, true));
-                }
-                events.push(chunks.finish(answer.finish_reason()));
-                if include_usage {
-                    events.push(chunks.usage(usage));
-                }
-                events
-                    .iter()
-                    .try_for_each(|e| stream.send(None, &e.to_string()))
-                    .and_then(|()| stream.send(None, "[DONE]"))
-            }
-        };
-        if let Err(e) = sent.and_then(|()| stream.finish()) {
-            log::debug!(
-                "request_id={}: could not finish the event stream: {e}",
-                call.request_id
-            );
-        }
-        Ok(Outcome::Streamed)
+        Ok(tiny_http::Response::from_data(Vec::new()).with_status_code(204))
     }
 }
 
-/// Sends one event, opening the stream on the first; `false` when the client has gone.
-fn send_event(
-    stream: &mut Option<EventStream>,
-    request: &mut Option<tiny_http::Request>,
-    request_id: &str,
-    data: &str,
-) -> bool {
-    if stream.is_none() {
-        let Some(request) = request.take() else {
-            return false;
-        };
-        *stream = Some(EventStream::start(request, request_id));
+/// What the log should say about a failed answer, when the fault is the server's.
+fn failure_detail(answer: &Answer) -> Option<String> {
+    match answer {
+        Answer::Failed(error) => log_detail(error),
+        _ => None,
     }
-    stream.as_mut().is_some_and(|s| s.send(None, data).is_ok())
-}
-
-/// The OpenAI `id` of the completion answering a request.
-fn completion_id(request_id: &str) -> String {
-    format!("chatcmpl-{request_id}")
-}
-
-fn answered() -> ApiError {
-    ApiError::Internal("the request was already answered".into())
-}
-
-/// How a turn's answer is written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Format {
-    /// chatpool's own API: `{"reply": ...}`, or `data: {"delta"}` events and `event: done`.
-    Native,
-    /// OpenAI's: `chat.completion`, or `chat.completion.chunk` events and `data: [DONE]`.
-    OpenAi {
-        /// Whether the stream ends with a usage chunk.
-        include_usage: bool,
-    },
-}
-
-/// One exchange with the LLM, as the API asked for it.
-struct Turn {
-    /// The chat it belongs to; `None` for a stateless relay, which stores nothing.
-    chat_id: Option<String>,
-    key: Option<String>,
-    /// The user's message as stored with the reply.
-    user: Option<String>,
-    /// What goes to the LLM.
-    messages: Vec<ChatMessage>,
-    sampling: Sampling,
-    stream: bool,
-    format: Format,
-}
-
-/// What a successful turn answers with.
-enum Answer {
-    /// A reply stored in a chat: just now, or earlier under the same idempotency key.
-    Stored {
-        chat_id: String,
-        reply: StoredReply,
-        replayed: bool,
-        /// Why the reply ended, as the LLM said (a replay's was complete: `stop`).
-        finish_reason: String,
-    },
-    /// A relayed completion, stored nowhere.
-    Relayed(Completion),
-}
-
-impl Answer {
-    fn parts(&self) -> (&str, &str, Option<Usage>) {
-        match self {
-            Answer::Stored { reply, .. } => (
-                &reply.content,
-                &reply.model,
-                reply.usage.map(|(p, c)| Usage::new(p, c)),
-            ),
-            Answer::Relayed(c) => (&c.content, &c.model, c.usage),
-        }
-    }
-
-    fn finish_reason(&self) -> &str {
-        match self {
-            Answer::Stored { finish_reason, .. } => finish_reason,
-            Answer::Relayed(c) => &c.finish_reason,
-        }
-    }
-
-    fn is_replay(&self) -> bool {
-        matches!(self, Answer::Stored { replayed: true, .. })
-    }
-}
-
-/// A job's request while a worker serves it.
-struct Call {
-    /// `None` once answered, or once an event stream has taken the connection.
-    request: Option<tiny_http::Request>,
-    request_id: String,
-    /// When the request started, for OpenAI's `created`: one value for every chunk.
-    created: u64,
-    /// Released as soon as the answer is settled.
-    ticket: Option<Ticket>,
-    timings: Timings,
-    /// Set by the client's connection when the client hangs up.
-    hangup: Arc<AtomicBool>,
-}
-
-impl Call {
-    /// Whether the client has hung up: the answer would go nowhere.
-    fn client_gone(&self) -> bool {
-        self.hangup.load(Ordering::SeqCst)
-    }
-
-    /// The request, while it has not been answered.
-    fn request(&mut self) -> Result<&mut tiny_http::Request, ApiError> {
-        self.request.as_mut().ok_or_else(answered)
-    }
-}
-
-/// How a request was answered.
-enum Outcome {
-    /// With this response, still to be sent.
-    Respond(HttpResponse),
-    /// With an event stream, already sent.
-    Streamed,
-    /// Not at all: the client hung up, and nothing was stored.
-    Abandoned,
-}
-
-/// The status counted for a request whose client hung up before its answer (nginx's 499,
-/// "client closed request"); no client sees it.
-const CLIENT_GONE: u16 = 499;
-
-/// The body of a 200, and of the `done` event of a stream.
-fn reply_json(chat_id: &str, reply: &StoredReply, timings: &Timings) -> serde_json::Value {
-    let usage = reply.usage.map(|(p, c)| Usage::new(p, c));
-    json!({
-        "chat_id": chat_id,
-        "message_id": reply.message_id,
-        "reply": reply.content,
-        "model": reply.model,
-        "usage": usage,
-        "timings_ms": timings.as_json(),
-    })
 }
 
 fn no_such_chat(chat_id: &str) -> ApiError {
     ApiError::NotFound(format!("no chat `{chat_id}`"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Synchronous;
+    use crate::store::{Store, DEFAULT_TENANT};
+
+    /// A handler on a fresh database with the built-in mock LLM; the writer's thread is
+    /// detached and ends with the test's process.
+    fn handler(dir: &tempfile::TempDir) -> Handler {
+        let path = dir.path().join("h.db");
+        Store::open_and_migrate(&path, Synchronous::Normal).unwrap();
+        let (writer, _thread) = Writer::start(&path, Synchronous::Normal, None).unwrap();
+        let readers = Readers::open(&path, Synchronous::Normal, 1).unwrap();
+        let config = Arc::new(Config::default());
+        let metrics = Arc::new(Metrics::new(1, 1));
+        let llm = LlmClient::new(&config.llm, Arc::clone(&metrics));
+        Handler::new(readers, writer, llm, config, metrics)
+    }
+
+    fn chat(user: &str, key: Option<&str>) -> ChatTurn {
+        ChatTurn {
+            chat_id: "c".into(),
+            user: user.into(),
+            key: key.map(str::to_string),
+        }
+    }
+
+    fn completion(content: &str) -> Completion {
+        Completion {
+            content: content.into(),
+            model: "m".into(),
+            usage: None,
+            finish_reason: "length".into(),
+        }
+    }
+
+    #[test]
+    fn the_store_stage_commits_and_the_prior_stage_reads_it_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let handler = handler(&dir);
+        let mut timings = Timings::new(Instant::now());
+        let first = chat("q1", Some("k1"));
+        let reply = handler
+            .store(DEFAULT_TENANT, &first, completion("a1"), &mut timings)
+            .unwrap();
+        assert_eq!(
+            (reply.content.as_str(), reply.finish_reason.as_str()),
+            ("a1", "length")
+        );
+        assert!(!reply.replayed && timings.store.is_some());
+        match handler.prior(DEFAULT_TENANT, &chat("q2", None)).unwrap() {
+            Prior::Window(window) => {
+                let texts: Vec<_> = window.iter().map(|m| m.content.as_str()).collect();
+                assert_eq!(texts, ["q1", "a1"]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_prior_stage_replays_a_key_and_refuses_it_for_another_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let handler = handler(&dir);
+        let mut timings = Timings::new(Instant::now());
+        let stored = handler
+            .store(
+                DEFAULT_TENANT,
+                &chat("q", Some("k")),
+                completion("a"),
+                &mut timings,
+            )
+            .unwrap();
+        match handler
+            .prior(DEFAULT_TENANT, &chat("q", Some("k")))
+            .unwrap()
+        {
+            Prior::Replay(reply) => {
+                assert_eq!(Some(("c".to_string(), reply.message_id)), stored.stored)
+            }
+            other => panic!("{other:?}"),
+        }
+        let reused = handler.prior(DEFAULT_TENANT, &chat("other", Some("k")));
+        assert!(matches!(reused, Err(ApiError::IdempotencyKeyReused)));
+    }
 }

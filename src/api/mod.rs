@@ -8,8 +8,10 @@ pub mod error;
 mod handler;
 pub mod openai;
 pub mod request;
+mod responder;
 pub mod route;
 mod sse;
+mod turn;
 
 pub use error::ApiError;
 pub use handler::{Handler, Job};
