@@ -46,8 +46,7 @@ mod tests {
     #[test]
     fn an_open_connection_shows_in_the_heap() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store =
-            Store::open_and_migrate(&dir.path().join("m.db"), Synchronous::Normal).unwrap();
+        let store = Store::open_and_migrate(&dir.path().join("m.db"), Synchronous::Normal).unwrap();
         store.check_readable().unwrap();
         let memory = sqlite_memory();
         assert!(memory.heap > 0, "{memory:?}");
