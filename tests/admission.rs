@@ -13,7 +13,7 @@ fn ten_concurrent_requests_with_two_workers_and_a_queue_of_two() {
         "[server]\nmax_concurrent_requests = 2\nqueue_capacity = 2\n\n{}",
         openai_llm(mock.addr, "")
     );
-    let server = work.serve(&config);
+    let server = work.spawn(&config);
     let addr = server.addr;
     let barrier = std::sync::Arc::new(std::sync::Barrier::new(10));
     let clients: Vec<_> = (0..10)

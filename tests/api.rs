@@ -8,7 +8,7 @@ use std::time::Duration;
 fn every_endpoint_works_against_mock_llm() {
     let mock = mock_llm(&[]);
     let work = Workdir::new();
-    let server = work.serve(&openai_llm(mock.addr, ""));
+    let server = work.spawn(&openai_llm(mock.addr, ""));
     let addr = server.addr;
 
     let first = request(
@@ -457,7 +457,7 @@ fn an_idempotent_replay_returns_the_stored_reply_without_calling_the_llm() {
 #[test]
 fn a_broken_database_is_500_internal_without_details() {
     let work = Workdir::new();
-    let server = work.serve("");
+    let server = work.spawn("");
     assert_eq!(send(server.addr, "c", "hi").status, 200);
     rusqlite::Connection::open(work.db())
         .unwrap()

@@ -43,7 +43,7 @@ fn the_token_command_prints_a_token_and_the_entry_that_hashes_it() {
 fn missing_malformed_and_wrong_tokens_are_401() {
     let (token, entry) = new_token("alice");
     let work = Workdir::new();
-    let server = work.serve(&format!("[auth]\ntokens = [{entry}]\n"));
+    let server = work.spawn(&format!("[auth]\ntokens = [{entry}]\n"));
     let path = "/v1/chats/c/messages";
     let cases: [&[(&str, &str)]; 4] = [
         &[],
@@ -78,7 +78,7 @@ fn missing_malformed_and_wrong_tokens_are_401() {
 fn a_storm_of_401s_and_404s_is_summarised_in_the_log_not_a_line_each() {
     let (_, entry) = new_token("alice");
     let work = Workdir::new();
-    let server = work.serve(&format!("[auth]\ntokens = [{entry}]\n"));
+    let server = work.spawn(&format!("[auth]\ntokens = [{entry}]\n"));
     let wrong = [("Authorization", "Bearer cp_not-the-token")];
     for _ in 0..100 {
         let r = request(server.addr, "GET", "/v1/chats", None, &wrong);

@@ -113,7 +113,7 @@ fn workers_busy(addr: SocketAddr) -> u64 {
 fn a_client_that_hangs_up_during_the_llm_call_frees_its_worker_and_stores_nothing() {
     let mock = mock_llm(&["--latency-ms", "8000"]);
     let work = Workdir::new();
-    let server = work.serve(&openai_llm(mock.addr, "max_retries = 0"));
+    let server = work.spawn(&openai_llm(mock.addr, "max_retries = 0"));
     let body = r#"{"content": "never mind"}"#;
     let mut client = TcpStream::connect(server.addr).unwrap();
     let request = format!(

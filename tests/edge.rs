@@ -142,7 +142,7 @@ fn pipelined(request: &str, times: usize) -> Vec<u8> {
 #[test]
 fn a_client_pipelining_20000_requests_without_reading_stalls_no_one() {
     let work = Workdir::new();
-    let server = work.serve("");
+    let server = work.spawn("");
     let addr = server.addr;
     assert_eq!(get(addr, "/healthz").status, 200);
     let before = rss(server.pid());
@@ -191,7 +191,7 @@ fn pipelined_requests_behind_a_slow_llm_call_stall_no_one() {
 #[test]
 fn half_sent_upgrade_posts_pin_no_worker() {
     let work = Workdir::new();
-    let server = work.serve("[server]\nmax_concurrent_requests = 4\n");
+    let server = work.spawn("[server]\nmax_concurrent_requests = 4\n");
     let addr = server.addr;
     let half = "POST /v1/chats/up/messages HTTP/1.1\r\nConnection: Upgrade\r\n\
                 Upgrade: websocket\r\nContent-Length: 100\r\n\r\n{\"content\": ";
@@ -401,7 +401,7 @@ fn ambiguous_framing_is_refused_once_and_ends_the_connection() {
 fn a_request_whose_client_left_while_queued_never_reaches_the_llm() {
     let mock = mock_llm(&["--latency-ms", "1500"]);
     let work = Workdir::new();
-    let server = work.serve(&format!(
+    let server = work.spawn(&format!(
         "[server]\nmax_concurrent_requests = 1\n\n{}",
         openai_llm(mock.addr, "")
     ));
@@ -439,7 +439,7 @@ fn a_stream_whose_client_stops_reading_is_cancelled_after_the_client_timeout() {
     // About 6 MB of reply, more than the socket buffers between server and client hold.
     let mock = mock_llm(&["--reply-words", "1000000", "--chunks", "1000"]);
     let work = Workdir::new();
-    let server = work.serve(&format!(
+    let server = work.spawn(&format!(
         "[server]\nclient_timeout_secs = 2\n\n{}",
         openai_llm(mock.addr, "")
     ));

@@ -26,7 +26,7 @@ fn connect(addr: SocketAddr) -> TcpStream {
 #[test]
 fn idle_and_half_sent_sockets_neither_starve_others_nor_stay_open() {
     let work = Workdir::new();
-    let server = work.serve("[server]\nclient_timeout_secs = 2\n");
+    let server = work.spawn("[server]\nclient_timeout_secs = 2\n");
     let addr = server.addr;
 
     let idle: Vec<TcpStream> = (0..500).map(|_| connect(addr)).collect();
@@ -147,7 +147,7 @@ fn the_client_timeout_counts_from_the_last_answer_not_while_one_is_worked_on() {
 #[test]
 fn connections_past_the_cap_get_503_at_once_and_the_rest_are_served() {
     let work = Workdir::new();
-    let server = work.serve("[server]\nmax_connections = 8\n");
+    let server = work.spawn("[server]\nmax_connections = 8\n");
     let addr = server.addr;
     let held: Vec<TcpStream> = (0..8).map(|_| connect(addr)).collect();
     assert!(eventually(Duration::from_secs(10), || threads_named(
@@ -611,7 +611,7 @@ fn a_corpus_of_malformed_requests_gets_the_contracts_errors() {
 #[test]
 fn a_database_locked_by_another_process_is_503_then_heals() {
     let work = Workdir::new();
-    let server = work.serve("[server]\nmax_concurrent_requests = 2\n");
+    let server = work.spawn("[server]\nmax_concurrent_requests = 2\n");
     let addr = server.addr;
     assert_eq!(send(addr, "locked", "before").status, 200);
 

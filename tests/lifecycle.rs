@@ -23,7 +23,7 @@ fn thread_names(pid: u32) -> Vec<String> {
 #[test]
 fn threads_are_one_acceptor_and_exactly_the_configured_workers() {
     let work = Workdir::new();
-    let server = work.serve("[server]\nmax_concurrent_requests = 5\n");
+    let server = work.spawn("[server]\nmax_concurrent_requests = 5\n");
     // Serve a few requests first: threads must not appear per request.
     for i in 0..8 {
         assert_eq!(send(server.addr, &format!("c{i}"), "hi").status, 200);
@@ -148,7 +148,7 @@ fn bad_configs_and_a_busy_port_exit_2_with_one_line() {
 fn sigterm_drains_admitted_requests_then_exits_0() {
     let work = Workdir::new();
     let config = "[server]\nmax_concurrent_requests = 2\nqueue_capacity = 4\n\n[llm]\nmock_latency_ms = 1500\n";
-    let mut server = work.serve(config);
+    let mut server = work.spawn(config);
     let addr = server.addr;
     let clients: Vec<_> = (0..3)
         .map(|i| thread::spawn(move || send(addr, &format!("drain-{i}"), &format!("message {i}"))))
@@ -187,7 +187,7 @@ fn sigterm_drains_admitted_requests_then_exits_0() {
 #[test]
 fn sigint_with_nothing_in_flight_exits_0_at_once() {
     let work = Workdir::new();
-    let mut server = work.serve("");
+    let mut server = work.spawn("");
     server.signal(libc::SIGINT);
     let status = server.wait(Duration::from_secs(10)).expect("exited");
     assert_eq!(status.code(), Some(0));
@@ -197,7 +197,7 @@ fn sigint_with_nothing_in_flight_exits_0_at_once() {
 fn a_second_sigint_during_the_drain_exits_at_once() {
     let work = Workdir::new();
     let config = "[server]\nshutdown_grace_secs = 60\n\n[llm]\nmock_latency_ms = 30000\n";
-    let mut server = work.serve(config);
+    let mut server = work.spawn(config);
     let addr = server.addr;
     // Its answer never comes: the process ends under it.
     let _slow = thread::spawn(move || std::panic::catch_unwind(|| send(addr, "slow", "hi")));
@@ -222,7 +222,7 @@ fn a_second_sigint_during_the_drain_exits_at_once() {
 fn after_kill_9_every_acknowledged_exchange_is_stored_and_complete() {
     let work = Workdir::new();
     let config = "[server]\nmax_concurrent_requests = 4\n\n[llm]\nmock_latency_ms = 5\n";
-    let server = work.serve(config);
+    let server = work.spawn(config);
     let addr = server.addr;
     let stop = Arc::new(AtomicBool::new(false));
     let acknowledged = Arc::new(Mutex::new(Vec::new()));

@@ -188,7 +188,7 @@ fn proc_status(pid: u32, key: &str) -> f64 {
 #[test]
 fn memory_is_exported_with_the_values_the_process_has() {
     let work = Workdir::new();
-    let server = work.serve("[server]\nmax_concurrent_requests = 4\n");
+    let server = work.spawn("[server]\nmax_concurrent_requests = 4\n");
     let addr = server.addr;
     for n in 0..20 {
         assert_eq!(send(addr, &format!("m{}", n % 4), "hello").status, 200);

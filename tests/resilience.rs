@@ -24,7 +24,7 @@ fn all_workers_serve(addr: std::net::SocketAddr, n: usize, tag: &str) {
     }
 }
 
-fn serve(work: &Workdir, mock: &Proc, llm_extra: &str) -> Proc {
+fn serve(work: &Workdir, mock: &Proc, llm_extra: &str) -> Running {
     work.serve(&format!(
         "[server]\nmax_concurrent_requests = 3\n\n{}",
         openai_llm(mock.addr, llm_extra)
@@ -232,7 +232,7 @@ fn a_retry_after_too_large_for_the_clock_is_a_502_and_never_jams_the_breaker() {
         _ => (200, Vec::new(), completion("back")),
     }));
     let work = Workdir::new();
-    let server = work.serve(&openai_llm(
+    let server = work.spawn(&openai_llm(
         upstream.addr,
         "max_retries = 2\nbreaker_failures = 1\nbreaker_cooldown_ms = 200\n",
     ));

@@ -125,7 +125,7 @@ fn a_client_that_leaves_mid_stream_frees_its_worker_and_closes_the_upstream() {
         "[server]\nmax_concurrent_requests = 1\n\n{}",
         openai_llm(mock.addr, "")
     );
-    let server = work.serve(&config);
+    let server = work.spawn(&config);
     let mut events = EventReader::post(server.addr, "/v1/chats/gone/messages", STREAM_BODY, &[]);
     assert_eq!(events.next_event().unwrap().0, None);
     drop(events);
@@ -169,7 +169,7 @@ fn an_error_object_after_two_pieces_is_an_error_event_and_stores_nothing() {
     );
     let upstream = upstream_streaming(stream, completion("unused"));
     let work = Workdir::new();
-    let server = work.serve(&openai_llm(upstream.addr, ""));
+    let server = work.spawn(&openai_llm(upstream.addr, ""));
     let mut events = EventReader::post(server.addr, "/v1/chats/s/messages", STREAM_BODY, &[]);
     assert_eq!(events.status, 200);
     let (text, end, error) = native_deltas(&mut events);
@@ -197,7 +197,7 @@ fn an_error_object_before_any_piece_is_an_error_and_stores_nothing() {
         r#"{"error": {"message": "generation failed"}}"#.into(),
     );
     let work = Workdir::new();
-    let server = work.serve(&openai_llm(upstream.addr, ""));
+    let server = work.spawn(&openai_llm(upstream.addr, ""));
     let events = EventReader::post(server.addr, "/v1/chats/s/messages", STREAM_BODY, &[]);
     assert_eq!(events.status, 502);
     let body: Value = serde_json::from_str(&events.body()).unwrap();

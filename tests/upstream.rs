@@ -13,7 +13,7 @@ fn the_upstream_gets_system_prompt_history_window_new_message_model_and_key() {
     );
     let config =
         format!("[history]\nmax_messages = 3\nmax_chars = 1000\nsystem_prompt = \"SYS\"\n\n{llm}");
-    let server = work.serve_with_env(&config, &[("CHATPOOL_TEST_KEY", "sk-test-123")]);
+    let server = work.spawn_with_env(&config, &[("CHATPOOL_TEST_KEY", "sk-test-123")]);
     for text in ["m0", "m1", "m2"] {
         assert_eq!(send(server.addr, "c", text).status, 200);
     }
@@ -119,7 +119,7 @@ fn an_upstream_error_is_502_naming_its_status_and_stores_nothing() {
         (500, r#"{"error":{"message":"model exploded"}}"#.into())
     }));
     let work = Workdir::new();
-    let server = work.serve(&openai_llm(upstream.addr, "max_retries = 1\n"));
+    let server = work.spawn(&openai_llm(upstream.addr, "max_retries = 1\n"));
     let r = send(server.addr, "c", "hi");
     assert_eq!((r.status, r.error_type().as_str()), (502, "upstream_error"));
     let message = r.json()["error"]["message"].as_str().unwrap().to_string();
@@ -199,7 +199,7 @@ fn an_upstream_error_body_reaches_the_log_and_not_the_client() {
         (401, body.into())
     }));
     let work = Workdir::new();
-    let server = work.serve(&openai_llm(upstream.addr, ""));
+    let server = work.spawn(&openai_llm(upstream.addr, ""));
     for r in [
         send(server.addr, "c", "hi"),
         EventReader::post(
@@ -228,7 +228,7 @@ fn an_unreachable_upstream_names_neither_its_address_nor_its_credentials_to_the_
     let llm = format!(
         "[llm]\nprovider = \"openai\"\nbase_url = \"http://agent:hunter2@{closed}/v1\"\nmax_retries = 0\n"
     );
-    let server = work.serve(&llm);
+    let server = work.spawn(&llm);
     let r = send(server.addr, "c", "hi");
     assert_eq!((r.status, r.error_type().as_str()), (502, "upstream_error"));
     let port = closed.port().to_string();

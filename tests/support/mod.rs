@@ -1,5 +1,7 @@
-//! What the tests share: starting real processes on ephemeral ports, a raw HTTP client, and a
-//! scripted fake upstream. Every process is killed when its handle drops, also when a test fails.
+//! What the tests share: a real chatpool on an ephemeral port (in this process, or as a process
+//! of its own for what only a process shows: signals, exit codes, `kill -9`, its log and its
+//! memory), a raw HTTP client, and a scripted fake upstream. Every server is stopped, and every
+//! process killed, when its handle drops, also when a test fails.
 
 #![allow(dead_code)]
 
@@ -118,6 +120,26 @@ impl Drop for Proc {
     }
 }
 
+/// A chatpool running in the test's process, stopped when dropped.
+pub struct Running {
+    pub addr: SocketAddr,
+    server: Option<chatpool::server::Server>,
+}
+
+impl Running {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.shutdown();
+        }
+    }
+}
+
 /// `chatpool mock-llm` with extra flags, on a free port.
 pub fn mock_llm(flags: &[&str]) -> Proc {
     let mut args = vec!["mock-llm", "--listen", "127.0.0.1:0"];
@@ -153,12 +175,26 @@ impl Workdir {
         path
     }
 
-    /// Starts chatpool on a free port with `extra` config.
-    pub fn serve(&self, extra: &str) -> Proc {
-        self.serve_with_env(extra, &[])
+    /// Starts chatpool in this process, on a free port, with `extra` config.
+    pub fn serve(&self, extra: &str) -> Running {
+        let mut config = chatpool::config::Config::load(&self.config(extra)).unwrap();
+        config.server.listen = "127.0.0.1:0".into();
+        // Dropping the handle stops the server without waiting for requests still running:
+        // draining is shown by a process of its own, under a signal.
+        config.server.shutdown_grace_secs = 0;
+        let server = chatpool::server::Server::start(config).expect("chatpool starts");
+        Running {
+            addr: server.addr(),
+            server: Some(server),
+        }
     }
 
-    pub fn serve_with_env(&self, extra: &str, envs: &[(&str, &str)]) -> Proc {
+    /// Starts chatpool as a process of its own, on a free port, with `extra` config.
+    pub fn spawn(&self, extra: &str) -> Proc {
+        self.spawn_with_env(extra, &[])
+    }
+
+    pub fn spawn_with_env(&self, extra: &str, envs: &[(&str, &str)]) -> Proc {
         let config = self.config(extra);
         let config = config.to_str().unwrap();
         Proc::start(
