@@ -61,7 +61,6 @@ struct SqliteGauges {
 
 impl SqliteGauges {
     fn new() -> SqliteGauges {
-        let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid metric");
         SqliteGauges {
             heap: gauge(
                 "chatpool_sqlite_memory_used_bytes",
@@ -97,75 +96,42 @@ impl SqliteGauges {
 impl Metrics {
     /// A fresh set, registered in its own registry.
     pub fn new(workers: usize, queue_capacity: usize) -> Metrics {
-        let registry = Registry::new();
-        let requests = IntCounterVec::new(
-            Opts::new(
-                "chatpool_requests_total",
-                "Requests answered, by route and status.",
-            ),
+        let requests = counters(
+            "chatpool_requests_total",
+            "Requests answered, by route and status.",
             &["route", "status"],
-        )
-        .expect("valid metric");
-        let durations = HistogramVec::new(
-            HistogramOpts::new(
-                "chatpool_request_duration_seconds",
-                "Time spent per request stage.",
-            )
-            .buckets(BUCKETS.to_vec()),
-            &["stage"],
-        )
-        .expect("valid metric");
-        let stages = STAGES
-            .iter()
-            .map(|s| durations.with_label_values(&[s]))
-            .collect();
-        let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid metric");
-        let workers_gauge = gauge("chatpool_workers", "Worker threads.");
-        let workers_busy = gauge("chatpool_workers_busy", "Workers handling a request.");
-        let queue_depth = gauge(
-            "chatpool_queue_depth",
-            "Admitted requests waiting for a worker.",
         );
-        let queue_capacity_gauge = gauge(
-            "chatpool_queue_capacity",
-            "Requests that may wait for a worker.",
-        );
-        let rejected = IntCounterVec::new(
-            Opts::new(
-                "chatpool_rejected_total",
-                "Requests refused before reaching a worker, by reason.",
-            ),
+        let (durations, stages) = stage_histograms();
+        let [workers_gauge, workers_busy, queue_depth, queue_capacity_gauge] =
+            pool_gauges(workers, queue_capacity);
+        let rejected = counters(
+            "chatpool_rejected_total",
+            "Requests refused before reaching a worker, by reason.",
             &["reason"],
-        )
-        .expect("valid metric");
-        let upstream = IntCounterVec::new(
-            Opts::new(
-                "chatpool_upstream_requests_total",
-                "Calls to the LLM, by outcome.",
-            ),
+        );
+        let upstream = counters(
+            "chatpool_upstream_requests_total",
+            "Calls to the LLM, by outcome.",
             &["outcome"],
-        )
-        .expect("valid metric");
+        );
         let upstream_retries = prometheus::IntCounter::new(
             "chatpool_upstream_retries_total",
             "Retried calls to the LLM.",
         )
         .expect("valid metric");
-        workers_gauge.set(workers as i64);
-        queue_capacity_gauge.set(queue_capacity as i64);
         let sqlite = SqliteGauges::new();
-        let process = Box::new(ProcessCollector::for_self());
+        let registry = Registry::new();
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(durations),
-            Box::new(workers_gauge.clone()),
+            Box::new(workers_gauge),
             Box::new(workers_busy.clone()),
             Box::new(queue_depth.clone()),
-            Box::new(queue_capacity_gauge.clone()),
+            Box::new(queue_capacity_gauge),
             Box::new(rejected.clone()),
             Box::new(upstream.clone()),
             Box::new(upstream_retries.clone()),
-            process,
+            Box::new(ProcessCollector::for_self()),
         ]
         .into_iter()
         .chain(sqlite.collectors())
@@ -240,6 +206,54 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
     }
+}
+
+/// A family of counters labelled by `labels`.
+fn counters(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
+}
+
+/// A gauge.
+fn gauge(name: &str, help: &str) -> IntGauge {
+    IntGauge::new(name, help).expect("valid metric")
+}
+
+/// The pool's gauges: workers and busy workers, queue depth and capacity; the fixed ones set.
+fn pool_gauges(workers: usize, queue_capacity: usize) -> [IntGauge; 4] {
+    let workers_gauge = gauge("chatpool_workers", "Worker threads.");
+    workers_gauge.set(workers as i64);
+    let capacity = gauge(
+        "chatpool_queue_capacity",
+        "Requests that may wait for a worker.",
+    );
+    capacity.set(queue_capacity as i64);
+    [
+        workers_gauge,
+        gauge("chatpool_workers_busy", "Workers handling a request."),
+        gauge(
+            "chatpool_queue_depth",
+            "Admitted requests waiting for a worker.",
+        ),
+        capacity,
+    ]
+}
+
+/// The per-stage duration histogram, and its series resolved once per stage of [`STAGES`].
+fn stage_histograms() -> (HistogramVec, Vec<Histogram>) {
+    let durations = HistogramVec::new(
+        HistogramOpts::new(
+            "chatpool_request_duration_seconds",
+            "Time spent per request stage.",
+        )
+        .buckets(BUCKETS.to_vec()),
+        &["stage"],
+    )
+    .expect("valid metric");
+    let stages = STAGES
+        .iter()
+        .map(|s| durations.with_label_values(&[s]))
+        .collect();
+    (durations, stages)
 }
 
 /// The labelled counter families.

@@ -284,7 +284,19 @@ impl Mock {
         let model = parsed.model.unwrap_or_else(|| "mock".into());
         let completion = mock::reply(&parsed.messages, &model, o.reply_words);
         let fault = self.fault_for(n);
-        match fault {
+        if let Some(after) = self.inject(fault, out)? {
+            return Ok(after);
+        }
+        if parsed.stream {
+            return self.stream(out, completion);
+        }
+        self.whole(n, completion, fault == Some(Fault::Drip), out)
+    }
+
+    /// Answers with the fault, unless it is none or only slows the answer down (a drip).
+    fn inject(&self, fault: Option<Fault>, out: &mut TcpStream) -> io::Result<Option<After>> {
+        let o = &self.options;
+        let after = match fault {
             Some(Fault::Error) => {
                 let extra = o
                     .retry_after
@@ -292,24 +304,32 @@ impl Mock {
                     .unwrap_or_default();
                 let message = format!("mock-llm injected HTTP {}", o.fault_status);
                 write_json(out, o.fault_status, &error_body(&message), &extra)?;
-                return Ok(After::KeepOpen);
+                After::KeepOpen
             }
             Some(Fault::Hang) => {
                 self.client_stays(out, HANG);
-                return Ok(After::Close);
+                After::Close
             }
-            Some(Fault::Reset) => return Ok(After::Close),
+            Some(Fault::Reset) => After::Close,
             Some(Fault::Malformed) => {
                 let junk = b"{\"choices\": [{\"message\": ";
                 out.write_all(head(200, "application/json", Some(junk.len()), "").as_bytes())?;
                 out.write_all(junk)?;
-                return Ok(After::KeepOpen);
+                After::KeepOpen
             }
-            Some(Fault::Drip) | None => {}
-        }
-        if parsed.stream {
-            return self.stream(out, completion);
-        }
+            Some(Fault::Drip) | None => return Ok(None),
+        };
+        Ok(Some(after))
+    }
+
+    /// A whole `chat.completion`, the `n`-th; with `drip`, a byte at a time.
+    fn whole(
+        &self,
+        n: u64,
+        completion: crate::llm::wire::Completion,
+        drip: bool,
+        out: &mut TcpStream,
+    ) -> io::Result<After> {
         let created = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default()
@@ -324,17 +344,16 @@ impl Mock {
             "usage": completion.usage,
         })
         .to_string();
-        if fault == Some(Fault::Drip) {
-            out.write_all(head(200, "application/json", Some(body.len()), "").as_bytes())?;
-            for byte in body.as_bytes() {
-                out.write_all(std::slice::from_ref(byte))?;
-                out.flush()?;
-                thread::sleep(Duration::from_millis(o.drip_ms));
-            }
+        out.write_all(head(200, "application/json", Some(body.len()), "").as_bytes())?;
+        if !drip {
+            out.write_all(body.as_bytes())?;
             return Ok(After::KeepOpen);
         }
-        out.write_all(head(200, "application/json", Some(body.len()), "").as_bytes())?;
-        out.write_all(body.as_bytes())?;
+        for byte in body.as_bytes() {
+            out.write_all(std::slice::from_ref(byte))?;
+            out.flush()?;
+            thread::sleep(Duration::from_millis(self.options.drip_ms));
+        }
         Ok(After::KeepOpen)
     }
 

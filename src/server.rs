@@ -103,23 +103,11 @@ impl Server {
                 config.llm.base_url
             );
         }
-        let handlers: Vec<_> = (0..workers)
-            .map(|_| {
-                let mut handler = api::Handler::new(
-                    storage.readers.clone(),
-                    storage.writer.clone(),
-                    llm.clone(),
-                    Arc::clone(&config),
-                    Arc::clone(&metrics),
-                );
-                move |job: Job| handler.run(job)
-            })
-            .collect();
         // Sized for every request in flight, so `try_send` fails only if admission is wrong;
         // admission (not the channel's fullness) enforces workers + queue_capacity.
         let limit = workers + config.server.queue_capacity;
         let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(limit);
-        let pool = Pool::start(jobs_rx.clone(), handlers).map_err(StartError::Thread)?;
+        let pool = start_workers(&config, &storage, &llm, &metrics, jobs_rx.clone())?;
         let (readiness, readiness_thread) =
             Readiness::start(storage.readiness, Arc::clone(&metrics))
                 .map_err(StartError::Thread)?;
@@ -176,6 +164,29 @@ impl Server {
     fn panic_acceptor_once(&self) {
         self.control.panic_next.store(true, Ordering::SeqCst);
     }
+}
+
+/// Starts the workers, each with a handler of its own, taking jobs from `jobs`.
+fn start_workers(
+    config: &Arc<Config>,
+    storage: &Storage,
+    llm: &LlmClient,
+    metrics: &Arc<Metrics>,
+    jobs: crossbeam_channel::Receiver<Job>,
+) -> Result<Pool, StartError> {
+    let handlers: Vec<_> = (0..config.server.max_concurrent_requests)
+        .map(|_| {
+            let mut handler = api::Handler::new(
+                storage.readers.clone(),
+                storage.writer.clone(),
+                llm.clone(),
+                Arc::clone(config),
+                Arc::clone(metrics),
+            );
+            move |job: Job| handler.run(job)
+        })
+        .collect();
+    Pool::start(jobs, handlers).map_err(StartError::Thread)
 }
 
 /// Joins a thread, logging it if the thread panicked: its work may be unfinished.

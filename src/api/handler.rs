@@ -129,16 +129,20 @@ impl Handler {
         // has its answer never finds its own chat still busy.
         drop(ticket);
         let status = responder.finish(answer, &timings);
-        self.metrics.request(name, status);
-        let stages = timings.stages();
-        for (index, stage) in stages.into_iter().enumerate() {
+        self.count(name, status, &timings);
+        let total = timings.received.elapsed().as_secs_f64() * 1e3;
+        log_request(&method, &url, status, total, &request_id);
+        self.metrics.workers_busy.dec();
+    }
+
+    /// Counts an answered request and the time each of its stages took.
+    fn count(&self, route: &'static str, status: u16, timings: &Timings) {
+        self.metrics.request(route, status);
+        for (index, stage) in timings.stages().into_iter().enumerate() {
             if let Some(d) = stage {
                 self.metrics.observe_stage(index, d.as_secs_f64());
             }
         }
-        let total = stages[4].unwrap_or_default().as_secs_f64() * 1e3;
-        log_request(&method, &url, status, total, &request_id);
-        self.metrics.workers_busy.dec();
     }
 
     /// [`Handler::answer`], with a panic caught as a 500: it costs one request, not the worker.
