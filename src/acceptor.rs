@@ -1,7 +1,7 @@
 //! The acceptor thread: every request passes through it, and it never waits on anything.
 //!
 //! For each request it decides, as a value, what happens to it: an operations endpoint it
-//! answers itself, a refusal (401, 404, 409, 413, 503 ...), or admission into the bounded job
+//! answers itself, a refusal (401, 404, 409, 413, 429, 503 ...), or admission into the bounded job
 //! channel with `try_send`, so a full pool is a 503 at once and never a wait. `/readyz` reads
 //! the database, which can wait on a lock, so that check runs on a thread of its own. A panic
 //! while deciding is caught: the request gets a 500 and admission goes on. The acceptor owns
@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::readiness::Readiness;
 use crate::store;
+use crate::tenants::{Clock, Tenants};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use serde_json::json;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -44,6 +45,8 @@ pub struct Acceptor {
     pub queue: Receiver<Job>,
     /// How many requests are in flight, and which chats are busy.
     pub admission: Admission,
+    /// Each tenant's limits and what it is using of them.
+    pub tenants: Tenants,
     /// Tokens and their tenants.
     pub auth: Auth,
     /// Counted here.
@@ -194,11 +197,18 @@ impl Acceptor {
             return Err(ApiError::PayloadTooLarge { limit });
         }
         let busy_key = route.busy_chat().map(|chat| format!("{tenant}/{chat}"));
-        let ticket = match self.admission.admit(busy_key.as_deref()) {
+        let mut ticket = match self.admission.admit(busy_key.as_deref()) {
             Ok(ticket) => ticket,
             Err(Refusal::Full) => return Err(ApiError::Overloaded),
             Err(Refusal::ChatBusy) => return Err(ApiError::ChatBusy),
         };
+        // After the pool's own admission, so that a refused request counts against none of
+        // the tenant's limits; dropping the ticket gives its place back.
+        let pass = self
+            .tenants
+            .admit(&tenant, route.calls_llm(), Clock::now())
+            .map_err(ApiError::RateLimited)?;
+        ticket.hold(pass);
         Ok(Decision::Admit(route, tenant, ticket))
     }
 
@@ -257,7 +267,7 @@ fn reject(
     received: Instant,
 ) {
     let (status, kind) = error.status_and_type();
-    if status == 503 || status == 409 {
+    if matches!(status, 409 | 429 | 503) {
         metrics.rejected(kind);
     }
     let (method, url) = (request.method().to_string(), request.url().to_string());
@@ -268,7 +278,7 @@ fn reject(
     // or a wrong path in a loop, can send tens of thousands a second. A line for each would
     // cost more than the answer and could fill the disk; each one still has a debug line, and
     // the info log a summary a second.
-    if matches!(status, 401 | 404 | 409 | 503) {
+    if matches!(status, 401 | 404 | 409 | 429 | 503) {
         log::debug!("{method} {url} {status} {millis:.1}ms request_id={request_id}");
         refusals.count(kind);
     } else {
@@ -276,7 +286,7 @@ fn reject(
     }
 }
 
-/// Requests refused by the acceptor in storms (401, 404, 409 and 503), summed up in one info
+/// Requests refused by the acceptor in storms (401, 404, 409, 429 and 503), summed up in one info
 /// line a second.
 struct RefusalLog {
     since: Instant,

@@ -5,10 +5,14 @@
 //! hands out a [`Ticket`] that travels with the job; dropping it (when the worker is done, or
 //! when the job is dropped unserved) releases both, so a worker never has to remember to.
 //!
+//! A ticket also carries the tenant's place under its `max_concurrent` (a [`Pass`], see
+//! [`crate::tenants`]), so that both are released at the same moment.
+//!
 //! Counting in-flight requests, rather than asking whether the channel is full, makes the
 //! limit exact: a worker that has been woken but not yet scheduled still holds its job in the
 //! channel, and a channel sized to the queue alone would turn such a moment into a false 503.
 
+use crate::tenants::Pass;
 use parking_lot::Mutex;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -35,10 +39,11 @@ struct Shared {
     busy_chats: Mutex<HashSet<String>>,
 }
 
-/// Proof of admission; releases its place and its chat when dropped.
+/// Proof of admission; releases its place, its chat and its tenant's place when dropped.
 pub struct Ticket {
     shared: Arc<Shared>,
     chat: Option<String>,
+    tenant: Option<Pass>,
 }
 
 impl Admission {
@@ -72,12 +77,20 @@ impl Admission {
         Ok(Ticket {
             shared: Arc::clone(shared),
             chat: chat.map(str::to_string),
+            tenant: None,
         })
     }
 
     /// Requests admitted and not yet finished.
     pub fn in_flight(&self) -> usize {
         self.shared.in_flight.load(Ordering::Acquire)
+    }
+}
+
+impl Ticket {
+    /// Holds the tenant's place for as long as this ticket.
+    pub fn hold(&mut self, pass: Pass) {
+        self.tenant = Some(pass);
     }
 }
 

@@ -6,6 +6,7 @@
 
 use crate::validate;
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -24,6 +25,57 @@ pub struct Config {
     pub llm: LlmConfig,
     /// `[auth]`: bearer tokens (off while empty).
     pub auth: AuthConfig,
+    /// `[limits]`: every tenant's limits, unless it has a `[tenants.NAME]` of its own.
+    pub limits: TenantLimits,
+    /// `[tenants.NAME]`: one tenant's own limits, by tenant name.
+    pub tenants: BTreeMap<String, TenantOverrides>,
+    /// `[metrics]`: what `/metrics` exports beyond the fixed families.
+    pub metrics: MetricsConfig,
+}
+
+/// `[limits]` and each `[tenants.NAME]`: what one tenant may use; 0 is no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantLimits {
+    /// The tenant's requests queued or running at once; default 0.
+    pub max_concurrent: u64,
+    /// The tenant's requests that may call the LLM in a minute; default 0.
+    pub requests_per_minute: u64,
+    /// Prompt plus completion tokens in a UTC day; default 0.
+    pub tokens_per_day: u64,
+}
+
+/// One `[tenants.NAME]`: the limits it sets itself; the others come from `[limits]`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantOverrides {
+    /// Overrides `[limits] max_concurrent`.
+    pub max_concurrent: Option<u64>,
+    /// Overrides `[limits] requests_per_minute`.
+    pub requests_per_minute: Option<u64>,
+    /// Overrides `[limits] tokens_per_day`.
+    pub tokens_per_day: Option<u64>,
+}
+
+impl TenantOverrides {
+    /// These overrides applied to `defaults`.
+    pub fn over(&self, defaults: TenantLimits) -> TenantLimits {
+        TenantLimits {
+            max_concurrent: self.max_concurrent.unwrap_or(defaults.max_concurrent),
+            requests_per_minute: self
+                .requests_per_minute
+                .unwrap_or(defaults.requests_per_minute),
+            tokens_per_day: self.tokens_per_day.unwrap_or(defaults.tokens_per_day),
+        }
+    }
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Per-tenant request and token counters, labelled by tenant name; default false.
+    pub per_tenant: bool,
 }
 
 /// `[server]`.
@@ -239,6 +291,16 @@ impl Config {
         for number in self.numbers() {
             number.check()?;
         }
+        for (name, overrides) in &self.tenants {
+            if let Err(e) = validate::tenant(name, &format!("tenants.{name}:")) {
+                return Err(ConfigError(e.0));
+            }
+            for number in limit_numbers(&overrides.over(self.limits), TENANT_KEYS) {
+                number
+                    .check()
+                    .map_err(|e| ConfigError(format!("tenants.{name}.{}", e.0)))?;
+            }
+        }
         if self.storage.path.as_os_str().is_empty() {
             return bad("storage.path", "must not be empty");
         }
@@ -276,8 +338,15 @@ impl Config {
         Ok(())
     }
 
-    /// Every number in the configuration, with its range.
-    fn numbers(&self) -> [Number; 15] {
+    /// Every number in the configuration, with its range (a `[tenants.NAME]` has the same
+    /// ones as `[limits]`).
+    fn numbers(&self) -> Vec<Number> {
+        let mut numbers = self.fixed_numbers().to_vec();
+        numbers.extend(limit_numbers(&self.limits, LIMITS_KEYS));
+        numbers
+    }
+
+    fn fixed_numbers(&self) -> [Number; 15] {
         let (s, l) = (&self.server, &self.llm);
         let n = |key, value: u64, range| Number { key, value, range };
         [
@@ -339,6 +408,14 @@ impl Config {
         ]
     }
 
+    /// The limits of `tenant`: what its `[tenants.NAME]` sets, the rest from `[limits]`.
+    pub fn limits_for(&self, tenant: &str) -> TenantLimits {
+        match self.tenants.get(tenant) {
+            Some(overrides) => overrides.over(self.limits),
+            None => self.limits,
+        }
+    }
+
     /// The listen address, resolved.
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
         let listen = &self.server.listen;
@@ -352,6 +429,29 @@ impl Config {
                 ))
             })
     }
+}
+
+/// The keys of `[limits]`, as errors name them.
+const LIMITS_KEYS: [&str; 3] = [
+    "limits.max_concurrent",
+    "limits.requests_per_minute",
+    "limits.tokens_per_day",
+];
+/// The same keys within a `[tenants.NAME]`, whose error adds the section's name.
+const TENANT_KEYS: [&str; 3] = ["max_concurrent", "requests_per_minute", "tokens_per_day"];
+
+/// The numbers of one tenant's limits, named by `keys` (in [`LIMITS_KEYS`]' order).
+fn limit_numbers(limits: &TenantLimits, keys: [&'static str; 3]) -> [Number; 3] {
+    let n = |key, value: u64, range| Number { key, value, range };
+    [
+        n(
+            keys[0],
+            limits.max_concurrent,
+            0..=(MAX_WORKERS + MAX_QUEUE) as u64,
+        ),
+        n(keys[1], limits.requests_per_minute, 0..=MAX_PER_MINUTE),
+        n(keys[2], limits.tokens_per_day, 0..=MAX_TOKENS_PER_DAY),
+    ]
 }
 
 /// More workers than this is a typo, not a plan: each one is a thread with its own stack.
@@ -369,7 +469,13 @@ const DAY_SECS: u64 = 86_400;
 const DAY_MS: u64 = DAY_SECS * 1000;
 const HOUR_MS: u64 = 3_600_000;
 
+/// More requests a minute than one instance could ever answer.
+const MAX_PER_MINUTE: u64 = 100_000_000;
+/// A trillion tokens a day: far past any real budget, far below overflowing a counter.
+const MAX_TOKENS_PER_DAY: u64 = 1_000_000_000_000;
+
 /// One number from the file and the range it must fall in.
+#[derive(Clone)]
 struct Number {
     key: &'static str,
     value: u64,
@@ -454,6 +560,29 @@ mod tests {
         let entry = format!("{{ tenant = \"a\", sha256 = \"{}\" }}", "a".repeat(64));
         let err = Config::parse(&format!("[auth]\ntokens = [{entry}, {entry}]\n")).unwrap_err();
         assert!(err.0.contains("twice"), "{err}");
+    }
+
+    #[test]
+    fn a_tenant_has_its_own_limits_or_the_defaults() {
+        let c = Config::parse(
+            "[limits]\nrequests_per_minute = 60\n\n[tenants.alice]\nmax_concurrent = 4\n",
+        )
+        .unwrap();
+        assert_eq!(c.limits_for("bob").requests_per_minute, 60);
+        assert_eq!(c.limits_for("bob").max_concurrent, 0);
+        // What a tenant's table leaves out comes from [limits].
+        let alice = c.limits_for("alice");
+        assert_eq!((alice.max_concurrent, alice.requests_per_minute), (4, 60));
+        let c = Config::parse("[limits]\nmax_concurrent = 2\n[tenants.x]\nmax_concurrent = 0\n");
+        assert_eq!(c.unwrap().limits_for("x").max_concurrent, 0);
+        let err = Config::parse("[tenants.alice]\nmax_concurrent = -1\n").unwrap_err();
+        assert!(err.0.starts_with("line 2"), "{err}");
+        let err = Config::parse("[tenants.alice]\ntokens_per_day = 1000000000001\n").unwrap_err();
+        assert!(err.0.starts_with("tenants.alice.tokens_per_day"), "{err}");
+        let err = Config::parse("[tenants.\"a/b\"]\n").unwrap_err();
+        assert!(err.0.starts_with("tenants.a/b"), "{err}");
+        let err = Config::parse("[tenants.alice]\nmax_concurent = 1\n").unwrap_err();
+        assert!(err.0.contains("unknown field `max_concurent`"), "{err}");
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! A request flows one way: tiny_http → the acceptor thread ([`server`]), which names its tenant
 //! ([`auth`]) and admits it ([`admission`]) into a bounded channel → a worker thread ([`pool`])
-//! running the API handler ([`api`]) → SQLite ([`store`]) and the LLM ([`llm`]) → the response. [`config`] holds the
+//! running the API handler ([`api`]) → SQLite ([`store`]) and the LLM ([`llm`]) → the response. [`tenants`] keeps
+//! each tenant's limits and what it has used of them. [`config`] holds the
 //! settings, [`metrics`] what the pool is doing, and [`mock_llm`] a fake LLM server for tests
 //! and load.
 
@@ -19,4 +20,5 @@ pub mod pool;
 pub mod readiness;
 pub mod server;
 pub mod store;
+pub mod tenants;
 pub mod validate;

@@ -5,7 +5,9 @@ use chatpool::auth;
 use chatpool::config::Config;
 use chatpool::mock_llm::{self, MockOptions};
 use chatpool::server::Server;
+use chatpool::store::usage::{self, GroupBy, UsageQuery};
 use chatpool::store::{transfer, Store};
+use chatpool::tenants::day::Day;
 use clap::{Parser, Subcommand};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -54,6 +56,32 @@ enum Command {
     /// Delete the chats of stdin (lines of export) from the configured database, each only
     /// while it still holds exactly the exported messages
     Forget,
+    /// Print the LLM calls and tokens each tenant used, from the configured database
+    Usage {
+        /// Only this tenant [default: every tenant]
+        #[arg(long)]
+        tenant: Option<String>,
+        /// The first UTC day, YYYY-MM-DD [default: the earliest on record]
+        #[arg(long, value_parser = parse_day)]
+        from: Option<Day>,
+        /// The last UTC day, YYYY-MM-DD, included [default: the latest on record]
+        #[arg(long, value_parser = parse_day)]
+        to: Option<Day>,
+        /// A row per `day` or per `model` [default: one total row per tenant]
+        #[arg(long, value_parser = parse_group_by)]
+        group_by: Option<GroupBy>,
+        /// Print JSON, {"object": "list", "data": [...]}, instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_day(text: &str) -> Result<Day, String> {
+    Day::parse(text).ok_or_else(|| "expected a UTC day as YYYY-MM-DD".into())
+}
+
+fn parse_group_by(text: &str) -> Result<GroupBy, String> {
+    GroupBy::parse(text).ok_or_else(|| "expected `day` or `model`".into())
 }
 
 /// Caps glibc's malloc at one arena per core, unless `MALLOC_ARENA_MAX` says otherwise; call
@@ -99,8 +127,48 @@ fn main() -> ExitCode {
         Some(Command::Forget) => run_transfer(cli.config.as_deref(), "forgot", |store| {
             transfer::forget(store, &mut std::io::stdin().lock())
         }),
+        Some(Command::Usage {
+            tenant,
+            from,
+            to,
+            group_by,
+            json,
+        }) => {
+            let query = UsageQuery { from, to, group_by };
+            print_usage(cli.config.as_deref(), tenant.as_deref(), &query, json)
+        }
         None => serve(cli.config.as_deref(), cli.listen, cli.workers),
     }
+}
+
+/// Prints `chatpool usage`: every tenant's (or one's) usage as a table or as JSON.
+fn print_usage(
+    config_path: Option<&Path>,
+    tenant: Option<&str>,
+    query: &UsageQuery,
+    json: bool,
+) -> ExitCode {
+    let config = match load_config(config_path) {
+        Ok(config) => config,
+        Err(e) => return fail(&e),
+    };
+    let path = &config.storage.path;
+    let rows = Store::open_and_migrate(path, config.storage.synchronous)
+        .and_then(|store| store.usage(tenant, query));
+    let rows = match rows {
+        Ok(rows) => rows,
+        Err(e) => return fail(&format!("{}: {e}", path.display())),
+    };
+    if json {
+        let data: Vec<_> = rows
+            .iter()
+            .map(|row| row.to_json(query.group_by, true))
+            .collect();
+        println!("{}", serde_json::json!({"object": "list", "data": data}));
+    } else {
+        print!("{}", usage::table(&rows, query.group_by));
+    }
+    ExitCode::SUCCESS
 }
 
 /// Runs one of export, import and forget on the configured database (a running server's

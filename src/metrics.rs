@@ -198,6 +198,13 @@ impl Metrics {
         self.upstream_retries.inc();
     }
 
+    /// Adds a family defined elsewhere (the per-tenant counters) to what `/metrics` shows.
+    pub fn register(&self, collector: Box<dyn prometheus::core::Collector>) {
+        if let Err(e) = self.registry.register(collector) {
+            log::warn!("a metric family could not be registered: {e}");
+        }
+    }
+
     /// The Prometheus text exposition of everything.
     pub fn render(&self) -> Vec<u8> {
         self.sqlite.update();

@@ -19,6 +19,8 @@ use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::readiness::Readiness;
 use crate::store::{Readers, Store, StoreError, Writer, MAX_READERS, READ_CACHE_KIB};
+use crate::tenants::day::Day;
+use crate::tenants::Tenants;
 use std::fmt;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::Ordering;
@@ -95,6 +97,13 @@ impl Server {
         let storage = open_storage(&config)?;
         let metrics = Arc::new(Metrics::new(workers, config.server.queue_capacity));
         let (http, addr) = bind(&config, &metrics)?;
+        // The day's budgets go on from what is stored; the acceptor never reads them per request.
+        let today = Day::of(std::time::SystemTime::now());
+        let spent_today = storage
+            .readiness
+            .tokens_on(today)
+            .map_err(|e| StartError::Store(config.storage.path.clone(), e))?;
+        let tenants = Tenants::new(Arc::clone(&config), today, spent_today, &metrics);
         let llm = LlmClient::new(&config.llm, Arc::clone(&metrics));
         if config.llm.provider == crate::config::Provider::Openai && !llm.has_key() {
             log::warn!(
@@ -107,7 +116,7 @@ impl Server {
         // admission (not the channel's fullness) enforces workers + queue_capacity.
         let limit = workers + config.server.queue_capacity;
         let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(limit);
-        let pool = start_workers(&config, &storage, &llm, &metrics, jobs_rx.clone())?;
+        let pool = start_workers(&config, &storage, &llm, &metrics, &tenants, jobs_rx.clone())?;
         let (readiness, readiness_thread) =
             Readiness::start(storage.readiness, Arc::clone(&metrics))
                 .map_err(StartError::Thread)?;
@@ -117,6 +126,7 @@ impl Server {
             jobs: Some(jobs_tx),
             queue: jobs_rx,
             admission: Admission::new(limit),
+            tenants,
             auth: Auth::new(&config.auth),
             metrics,
             control: Arc::clone(&control),
@@ -172,6 +182,7 @@ fn start_workers(
     storage: &Storage,
     llm: &LlmClient,
     metrics: &Arc<Metrics>,
+    tenants: &Tenants,
     jobs: crossbeam_channel::Receiver<Job>,
 ) -> Result<Pool, StartError> {
     let handlers: Vec<_> = (0..config.server.max_concurrent_requests)
@@ -182,6 +193,7 @@ fn start_workers(
                 llm.clone(),
                 Arc::clone(config),
                 Arc::clone(metrics),
+                tenants.clone(),
             );
             move |job: Job| handler.run(job)
         })

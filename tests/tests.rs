@@ -14,5 +14,6 @@ mod metrics;
 mod openai;
 mod resilience;
 mod streaming;
+mod tenants;
 mod transfer;
 mod upstream;

@@ -3,6 +3,7 @@
 
 use crate::llm::UpstreamError;
 use crate::store::StoreError;
+use crate::tenants::Limited;
 use crate::validate::Invalid;
 use std::fmt;
 
@@ -31,6 +32,8 @@ pub enum ApiError {
         /// `max_body_bytes`.
         limit: usize,
     },
+    /// 429 `rate_limited`: the calling tenant is over one of its limits (the server is not).
+    RateLimited(Limited),
     /// 503 `overloaded`: every worker busy and the queue full.
     Overloaded,
     /// 503 `shutting_down`: the server is draining.
@@ -64,6 +67,7 @@ impl ApiError {
             ApiError::ChatBusy => (409, "chat_busy"),
             ApiError::PayloadTooLarge { .. } => (413, "payload_too_large"),
             ApiError::IdempotencyKeyReused => (422, "idempotency_key_reused"),
+            ApiError::RateLimited(_) => (429, "rate_limited"),
             ApiError::Overloaded => (503, "overloaded"),
             ApiError::ShuttingDown => (503, "shutting_down"),
             ApiError::Upstream(UpstreamError::Timeout { .. }) => (504, "upstream_timeout"),
@@ -102,9 +106,11 @@ impl ApiError {
                 vec![("Retry-After", "1".into())]
             }
             ApiError::ShuttingDown => vec![("Retry-After", "5".into())],
+            ApiError::RateLimited(limited) => {
+                vec![("Retry-After", retry_after_secs(limited.retry_after))]
+            }
             ApiError::Upstream(UpstreamError::Paused { retry_after }) => {
-                let secs = retry_after.as_secs_f64().ceil().max(1.0);
-                vec![("Retry-After", format!("{secs}"))]
+                vec![("Retry-After", retry_after_secs(*retry_after))]
             }
             _ => Vec::new(),
         }
@@ -133,6 +139,7 @@ impl fmt::Display for ApiError {
                 "this Idempotency-Key was already used in this chat for a different message; \
                  a new message needs a new key",
             ),
+            ApiError::RateLimited(limited) => limited.fmt(f),
             ApiError::Overloaded => f.write_str("every worker is busy and the queue is full; retry shortly"),
             ApiError::ShuttingDown => f.write_str("the server is shutting down; retry against another instance or later"),
             ApiError::Upstream(e) => f.write_str(&upstream_reason(e)),
@@ -187,6 +194,12 @@ impl From<UpstreamError> for ApiError {
     fn from(e: UpstreamError) -> Self {
         ApiError::Upstream(e)
     }
+}
+
+/// A wait as `Retry-After` gives it: whole seconds, rounded up, at least one.
+fn retry_after_secs(wait: std::time::Duration) -> String {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    secs.max(1).to_string()
 }
 
 /// The detail of a server fault for the log; `None` for client errors.
@@ -300,6 +313,16 @@ mod tests {
         assert_eq!(paused.status_and_type(), (503, "upstream_unavailable"));
         assert_eq!(paused.headers(), [("Retry-After", "3".to_string())]);
         assert_eq!(ApiError::ChatBusy.status_and_type(), (409, "chat_busy"));
+        let limited = ApiError::RateLimited(crate::tenants::Limited {
+            limit: crate::tenants::Limit::RequestsPerMinute(5),
+            retry_after: Duration::from_millis(14_001),
+        });
+        assert_eq!(limited.status_and_type(), (429, "rate_limited"));
+        assert_eq!(limited.headers(), [("Retry-After", "15".to_string())]);
+        assert!(
+            limited.to_string().contains("requests_per_minute"),
+            "{limited}"
+        );
         assert_eq!(
             ApiError::IdempotencyKeyReused.status_and_type(),
             (422, "idempotency_key_reused")

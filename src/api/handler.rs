@@ -14,6 +14,7 @@ use super::request::read_body;
 use super::responder::{Answer, Responder, Timings, CLIENT_GONE};
 use super::route::Route;
 use super::turn::{ChatTurn, Prior, Reply, Turn};
+use super::usage;
 use super::{header, json_response, log_request, HttpResponse};
 use crate::admission::Ticket;
 use crate::config::Config;
@@ -22,6 +23,7 @@ use crate::llm::wire::{ChatMessage, Completion};
 use crate::llm::{Cancel, LlmClient, Sink};
 use crate::metrics::Metrics;
 use crate::store::{Exchange, Readers, StoredReply, Writer};
+use crate::tenants::Tenants;
 use serde_json::json;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -63,6 +65,7 @@ pub struct Handler {
     llm: LlmClient,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
+    tenants: Tenants,
 }
 
 impl Handler {
@@ -73,11 +76,13 @@ impl Handler {
         llm: LlmClient,
         config: Arc<Config>,
         metrics: Arc<Metrics>,
+        tenants: Tenants,
     ) -> Handler {
         Handler {
             readers,
             writer,
             llm,
+            tenants,
             config,
             metrics,
         }
@@ -192,6 +197,9 @@ impl Handler {
                 200,
                 &openai::models(self.llm.model()),
             ))),
+            Route::Usage(query) => {
+                usage::report(&self.readers, tenant, query).map(Answer::Response)
+            }
         };
         answer.unwrap_or_else(Answer::Failed)
     }
@@ -226,6 +234,9 @@ impl Handler {
         );
         let messages = turn.prompt(&self.config.history.system_prompt, &window);
         let completion = self.complete(&turn, &messages, asked, responder, timings);
+        if let Ok(completion) = &completion {
+            self.count_usage(asked, turn.chat.is_some(), completion);
+        }
         if asked.hangup.load(Ordering::SeqCst) {
             let when = if turn.shape.stream {
                 "mid-stream"
@@ -307,6 +318,22 @@ impl Handler {
             started.elapsed().as_secs_f64() * 1e3
         );
         Ok(completion?)
+    }
+
+    /// Counts an answered LLM call's tokens against the tenant's budget and has the writer
+    /// store them, whether or not the client is still there. A chat's exchange, handed over
+    /// next, waits for the commit that stores both; a relay, which stores nothing else, waits
+    /// here, so that its answer too means its usage is stored.
+    fn count_usage(&self, asked: &Asked, in_chat: bool, completion: &Completion) {
+        let spend = usage::spend(&self.tenants, &asked.tenant, completion);
+        if in_chat {
+            self.writer.add_usage(spend);
+        } else if let Err(e) = self.writer.store_usage(spend) {
+            log::warn!(
+                "request_id={}: the relayed call's usage was not stored: {e}",
+                asked.request_id
+            );
+        }
     }
 
     /// Hands the exchange to the writer thread and waits until it is committed.
@@ -415,7 +442,9 @@ mod tests {
         let config = Arc::new(Config::default());
         let metrics = Arc::new(Metrics::new(1, 1));
         let llm = LlmClient::new(&config.llm, Arc::clone(&metrics));
-        Handler::new(readers, writer, llm, config, metrics)
+        let today = crate::tenants::day::Day::of(std::time::SystemTime::now());
+        let tenants = Tenants::new(Arc::clone(&config), today, Default::default(), &metrics);
+        Handler::new(readers, writer, llm, config, metrics, tenants)
     }
 
     fn chat(user: &str, key: Option<&str>) -> ChatTurn {

@@ -12,6 +12,7 @@ mod responder;
 pub mod route;
 mod sse;
 mod turn;
+mod usage;
 
 pub use error::ApiError;
 pub use handler::{Handler, Job};

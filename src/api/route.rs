@@ -2,6 +2,8 @@
 //! acceptor for every request before anything is queued.
 
 use super::error::ApiError;
+use crate::store::usage::{GroupBy, UsageQuery};
+use crate::tenants::day::Day;
 use crate::validate;
 use tiny_http::Method;
 
@@ -61,6 +63,8 @@ pub enum Route {
     },
     /// `GET /v1/models`
     ListModels,
+    /// `GET /v1/usage?from=&to=&group_by=`
+    Usage(UsageQuery),
 }
 
 impl Route {
@@ -73,7 +77,17 @@ impl Route {
             Route::DeleteChat { .. } => "delete_chat",
             Route::ChatCompletions { .. } => "chat_completions",
             Route::ListModels => "list_models",
+            Route::Usage(_) => "usage",
         }
+    }
+
+    /// Whether the request may call the LLM, so that a tenant's `requests_per_minute` and
+    /// `tokens_per_day` apply to it (reads of what is stored do not spend either).
+    pub fn calls_llm(&self) -> bool {
+        matches!(
+            self,
+            Route::PostMessage { .. } | Route::ChatCompletions { .. }
+        )
     }
 
     /// The chat this request holds busy while it is in flight: a new message, and a delete, so
@@ -165,6 +179,10 @@ fn route_path(method: &Method, url: &str) -> Result<Target, ApiError> {
             Target::Api(Route::ChatCompletions { chat_id: None })
         }
         ["v1", "models"] => only("GET", get).map(|_| Target::Api(Route::ListModels))?,
+        ["v1", "usage"] => {
+            only("GET", get)?;
+            Target::Api(Route::Usage(usage_query(query)?))
+        }
         ["v1", "chats", id] => {
             only("DELETE", *method == Method::Delete)?;
             Target::Api(Route::DeleteChat {
@@ -199,6 +217,41 @@ fn chat_id(id: &str) -> Result<String, ApiError> {
 fn chat_id_from_header(id: &str) -> Result<String, ApiError> {
     validate::chat_id(id, "X-Chat-Id")?;
     Ok(id.to_string())
+}
+
+/// The query of `GET /v1/usage`: `from` and `to` days (both included) and `group_by`.
+fn usage_query(query: &str) -> Result<UsageQuery, ApiError> {
+    let mut q = UsageQuery::default();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let day = |name: &str| {
+            Day::parse(value).ok_or_else(|| {
+                ApiError::InvalidRequest(format!("{name} must be a UTC day as YYYY-MM-DD"))
+            })
+        };
+        match key {
+            "from" => q.from = Some(day("from")?),
+            "to" => q.to = Some(day("to")?),
+            "group_by" => {
+                q.group_by = Some(GroupBy::parse(value).ok_or_else(|| {
+                    ApiError::InvalidRequest("group_by must be `day` or `model`".into())
+                })?)
+            }
+            other => {
+                return Err(ApiError::InvalidRequest(format!(
+                    "unknown query parameter `{other}`; expected from, to or group_by"
+                )))
+            }
+        }
+    }
+    if let (Some(from), Some(to)) = (q.from, q.to) {
+        if from > to {
+            return Err(ApiError::InvalidRequest(format!(
+                "from ({from}) is after to ({to})"
+            )));
+        }
+    }
+    Ok(q)
 }
 
 struct Query {
@@ -378,6 +431,39 @@ mod tests {
         );
         assert_eq!(api(Method::Delete, "/v1/chats/c").busy_chat(), Some("c"));
         assert_eq!(api(Method::Get, "/v1/chats/c/messages").busy_chat(), None);
+    }
+
+    #[test]
+    fn usage_takes_days_and_a_grouping() {
+        let q = match api(
+            Method::Get,
+            "/v1/usage?from=2026-11-01&to=2026-11-30&group_by=model",
+        ) {
+            Route::Usage(q) => q,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(q.from, Day::parse("2026-11-01"));
+        assert_eq!(q.group_by, Some(GroupBy::Model));
+        assert_eq!(
+            api(Method::Get, "/v1/usage"),
+            Route::Usage(UsageQuery::default())
+        );
+        for q in [
+            "from=2026-11-31",
+            "to=yesterday",
+            "group_by=week",
+            "from=2026-11-02&to=2026-11-01",
+            "tenant=b",
+        ] {
+            assert_eq!(
+                err(Method::Get, &format!("/v1/usage?{q}")),
+                (400, "invalid_request"),
+                "{q}"
+            );
+        }
+        assert_eq!(err(Method::Post, "/v1/usage"), (405, "method_not_allowed"));
+        assert!(!api(Method::Get, "/v1/usage").calls_llm());
+        assert!(api(Method::Post, "/v1/chats/c/messages").calls_llm());
     }
 
     #[test]

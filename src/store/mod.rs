@@ -88,6 +88,22 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE messages_clustered RENAME TO messages;
     CREATE UNIQUE INDEX messages_by_idempotency_key ON messages(tenant, chat_id, idempotency_key)
         WHERE idempotency_key IS NOT NULL;",
+    // 4: LLM calls and their tokens by tenant, UTC day and model, kept apart from the chats so
+    // that deleting a chat (or relaying without one) leaves what was spent on record; seeded
+    // from the replies stored so far.
+    "CREATE TABLE usage (
+        tenant TEXT NOT NULL,
+        day TEXT NOT NULL,
+        model TEXT NOT NULL,
+        requests INTEGER NOT NULL,
+        prompt_tokens INTEGER NOT NULL,
+        completion_tokens INTEGER NOT NULL,
+        PRIMARY KEY (tenant, day, model)
+    ) WITHOUT ROWID;
+    INSERT INTO usage
+        SELECT tenant, substr(created_at, 1, 10), coalesce(model, ''), count(*),
+               coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0)
+        FROM messages WHERE role = 'assistant' GROUP BY 1, 2, 3;",
 ];
 
 /// The tenant that owns every chat while auth is off, and every chat stored before it existed.
@@ -106,6 +122,7 @@ const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%SZ', 'now')";
 mod memory;
 mod readers;
 pub mod transfer;
+pub mod usage;
 mod writer;
 
 pub use memory::{sqlite_memory, SqliteMemory};

@@ -8,6 +8,8 @@
 //! and commits them in one transaction, then wakes each worker with its own result. A worker
 //! still answers only after its exchange is committed, so a 200 still means stored. A chat's
 //! deletion goes the same way, in its place among the exchanges, in a transaction of its own.
+//! Usage (each LLM call's tokens, see [`super::usage`]) goes the same way too, committed before
+//! the exchanges of its batch, so an exchange's answer also means its usage is stored.
 //!
 //! Checkpoints (copying the WAL back into the database file, with an fsync) are taken off this
 //! path: a second thread, `store-checkpoint`, runs them every `checkpoint_interval_ms` on its
@@ -16,6 +18,7 @@
 //! crosses the WAL's size threshold would run the checkpoint itself and every worker waiting on
 //! that batch would wait for the disk too.
 
+use super::usage::Spend;
 use super::{Cause, Exchange, Store, StoreError};
 use crate::config::Synchronous;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
@@ -29,6 +32,8 @@ const MAX_BATCH: usize = 256;
 /// A write waiting for the writer thread, with where to send its result.
 enum Pending {
     Append(Exchange, Sender<Result<i64, StoreError>>),
+    /// With no one to answer when the caller does not wait.
+    Usage(Spend, Option<Sender<Result<(), StoreError>>>),
     Delete {
         tenant: String,
         chat_id: String,
@@ -91,6 +96,21 @@ impl Writer {
         self.send(Pending::Append(exchange, done), result)
     }
 
+    /// Hands one LLM call's usage over without waiting for it: it is committed no later than
+    /// anything handed over after it (such as the exchange that follows), and a failure to
+    /// store it is logged.
+    pub fn add_usage(&self, spend: Spend) {
+        if self.pending.send(Pending::Usage(spend, None)).is_err() {
+            log::warn!("the writer thread has stopped; an LLM call's usage is not stored");
+        }
+    }
+
+    /// Stores one LLM call's usage and returns once it is committed.
+    pub fn store_usage(&self, spend: Spend) -> Result<(), StoreError> {
+        let (done, result) = crossbeam_channel::bounded(1);
+        self.send(Pending::Usage(spend, Some(done)), result)
+    }
+
     /// Deletes a tenant's chat and all its messages; `false` when it did not exist.
     pub fn delete(&self, tenant: &str, chat_id: &str) -> Result<bool, StoreError> {
         let (done, result) = crossbeam_channel::bounded(1);
@@ -114,14 +134,17 @@ impl Writer {
 }
 
 fn run(mut store: Store, incoming: Receiver<Pending>) {
-    let mut exchanges = Vec::with_capacity(MAX_BATCH);
-    let mut waiting = Vec::with_capacity(MAX_BATCH);
+    let mut batch = Batch::default();
     while let Ok(first) = incoming.recv() {
         for pending in std::iter::once(first).chain(incoming.try_iter().take(MAX_BATCH - 1)) {
             match pending {
                 Pending::Append(exchange, done) => {
-                    exchanges.push(exchange);
-                    waiting.push(done);
+                    batch.exchanges.push(exchange);
+                    batch.waiting.push(done);
+                }
+                Pending::Usage(spend, done) => {
+                    batch.spends.push(spend);
+                    batch.spent.extend(done);
                 }
                 Pending::Delete {
                     tenant,
@@ -129,29 +152,50 @@ fn run(mut store: Store, incoming: Receiver<Pending>) {
                     done,
                 } => {
                     // The exchanges handed over before it are committed before it.
-                    commit(&mut store, &mut exchanges, &mut waiting);
+                    batch.commit(&mut store);
                     let _ = done.send(store.delete_chat(&tenant, &chat_id));
                 }
             }
         }
-        commit(&mut store, &mut exchanges, &mut waiting);
+        batch.commit(&mut store);
     }
 }
 
-/// Commits the exchanges gathered so far in one transaction and answers each one's worker.
-fn commit(
-    store: &mut Store,
-    exchanges: &mut Vec<Exchange>,
-    waiting: &mut Vec<Sender<Result<i64, StoreError>>>,
-) {
-    if exchanges.is_empty() {
-        return;
-    }
-    let results = store.append_batch(exchanges);
-    exchanges.clear();
-    for (done, result) in waiting.drain(..).zip(results) {
-        // A worker that is gone (its thread panicked) no longer needs the answer.
-        let _ = done.send(result);
+/// What the writer has gathered for its next commit, and who waits on it.
+#[derive(Default)]
+struct Batch {
+    exchanges: Vec<Exchange>,
+    waiting: Vec<Sender<Result<i64, StoreError>>>,
+    spends: Vec<Spend>,
+    spent: Vec<Sender<Result<(), StoreError>>>,
+}
+
+impl Batch {
+    /// Commits the usage gathered so far, then the exchanges, each in one transaction, and
+    /// answers each waiting worker. A worker that is gone (its thread panicked) no longer
+    /// needs the answer.
+    fn commit(&mut self, store: &mut Store) {
+        if !self.spends.is_empty() {
+            let stored = store.add_usage(&self.spends);
+            if let Err(e) = &stored {
+                log::warn!(
+                    "the usage of {} LLM calls could not be stored: {e}",
+                    self.spends.len()
+                );
+            }
+            self.spends.clear();
+            for done in self.spent.drain(..) {
+                let _ = done.send(stored.clone());
+            }
+        }
+        if self.exchanges.is_empty() {
+            return;
+        }
+        let results = store.append_batch(&self.exchanges);
+        self.exchanges.clear();
+        for (done, result) in self.waiting.drain(..).zip(results) {
+            let _ = done.send(result);
+        }
     }
 }
 
