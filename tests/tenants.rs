@@ -425,6 +425,7 @@ fn usage_sums_the_upstream_s_counts_per_day_and_model_for_the_calling_tenant_onl
         assert_eq!(row["requests"], mine.len());
         assert_eq!(row["prompt_tokens"], prompt);
     }
+    merged_twice_doubles(&out.stdout, rows);
     let out = Command::new(BIN)
         .args([
             "--config",
@@ -444,4 +445,42 @@ fn usage_sums_the_upstream_s_counts_per_day_and_model_for_the_calling_tenant_onl
         lines[1].starts_with("bob") && lines[1].contains("m-large"),
         "{table}"
     );
+}
+
+/// `scripts/merge-usage.jq`, as docs/scale-out.md runs it, over the same instance's report
+/// twice: every count doubles. Needs jq, which the docs ask the operator for.
+fn merged_twice_doubles(report: &[u8], rows: &[Value]) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/merge-usage.jq");
+    let jq = Command::new("jq")
+        .args(["-s", "-f", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn();
+    let Ok(mut jq) = jq else {
+        eprintln!("jq is not installed: scripts/merge-usage.jq was not checked");
+        return;
+    };
+    let mut input = jq.stdin.take().unwrap();
+    std::io::Write::write_all(&mut input, &[report, report].concat()).unwrap();
+    drop(input);
+    let out = jq.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let merged: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let merged = merged["data"].as_array().unwrap();
+    assert_eq!(merged.len(), rows.len());
+    for (sum, row) in merged.iter().zip(rows) {
+        assert_eq!(sum["tenant"], row["tenant"]);
+        for key in [
+            "requests",
+            "prompt_tokens",
+            "completion_tokens",
+            "total_tokens",
+        ] {
+            assert_eq!(
+                sum[key].as_u64().unwrap(),
+                2 * row[key].as_u64().unwrap(),
+                "{key}"
+            );
+        }
+    }
 }
