@@ -141,7 +141,7 @@ fn a_flooding_tenant_gets_429s_past_its_share_while_another_gets_only_200s() {
                     if r.status == 429 {
                         assert_eq!(r.error_type(), "rate_limited");
                         answers.push((429, retry_after(&r)));
-                        thread::sleep(Duration::from_millis(50));
+                        thread::sleep(Duration::from_millis(100));
                     } else {
                         answers.push((r.status, 0));
                     }
