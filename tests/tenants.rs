@@ -304,7 +304,7 @@ fn a_day_s_token_budget_counts_streamed_replies_and_survives_a_restart() {
         "[limits]\ntokens_per_day = 20\n\n{}",
         openai_llm(upstream.addr, "")
     );
-    let mut server = work.serve(&config);
+    let mut server = work.spawn(&config);
     assert_eq!(send(server.addr, "c", "one").status, 200);
     // A streamed relay whose client did not ask for usage: counted, and not shown to it.
     let relay =
@@ -337,7 +337,7 @@ fn a_day_s_token_budget_counts_streamed_replies_and_survives_a_restart() {
 
     server.signal(libc::SIGTERM);
     assert!(server.wait(Duration::from_secs(10)).is_some());
-    let server = work.serve(&config);
+    let server = work.spawn(&config);
     let refused = send(server.addr, "c", "five");
     assert_eq!(refused.status, 429, "{}", refused.text());
     assert_eq!(upstream.seen().len(), 3);
