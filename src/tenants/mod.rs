@@ -139,6 +139,9 @@ impl Tenants {
         spent: HashMap<String, u64>,
         metrics: &Metrics,
     ) -> Tenants {
+        for name in unreachable_tenants(&config) {
+            log::warn!("[tenants.{name}] limits no one: no token in [auth] acts for tenant {name}");
+        }
         let counters = config
             .metrics
             .per_tenant
@@ -210,6 +213,24 @@ impl Tenants {
         states.insert(tenant.to_string(), state);
         result
     }
+}
+
+/// The `[tenants.NAME]` tables that no request can act for (a misspelt name, or a tenant
+/// whose token was removed): with auth off every request is the default tenant.
+fn unreachable_tenants(config: &Config) -> Vec<&str> {
+    let tokens = &config.auth.tokens;
+    config
+        .tenants
+        .keys()
+        .map(String::as_str)
+        .filter(|name| {
+            if tokens.is_empty() {
+                *name != crate::store::DEFAULT_TENANT
+            } else {
+                !tokens.iter().any(|t| t.tenant == *name)
+            }
+        })
+        .collect()
 }
 
 impl State {
@@ -417,6 +438,18 @@ mod tests {
         let t = Tenants::new(config, today, spent, &Metrics::new(1, 1));
         assert!(t.admit("a", true, now).is_err());
         assert!(t.admit("a", true, at(now, 86_400)).is_ok());
+    }
+
+    #[test]
+    fn a_tenants_table_no_request_can_reach_is_named() {
+        let off = Config::parse("[tenants.default]\n[tenants.alice]\n").unwrap();
+        assert_eq!(unreachable_tenants(&off), ["alice"]);
+        let entry = |t: &str| format!("{{ tenant = \"{t}\", sha256 = \"{}\" }}", "a".repeat(64));
+        let on = format!(
+            "[tenants.alice]\n[tenants.alcie]\n[auth]\ntokens = [{}]\n",
+            entry("alice")
+        );
+        assert_eq!(unreachable_tenants(&Config::parse(&on).unwrap()), ["alcie"]);
     }
 
     #[test]
