@@ -62,18 +62,19 @@ impl Admission {
     /// calls this, so the check and the increment cannot race with another admission.
     pub fn admit(&self, chat: Option<&str>) -> Result<Ticket, Refusal> {
         let shared = &self.shared;
-        if let Some(chat) = chat {
-            if shared.busy_chats.lock().contains(chat) {
-                return Err(Refusal::ChatBusy);
-            }
+        // Held throughout: a worker may claim a chat meanwhile (see [`Ticket::hold_chat`]).
+        let mut busy = shared.busy_chats.lock();
+        if chat.is_some_and(|chat| busy.contains(chat)) {
+            return Err(Refusal::ChatBusy);
         }
         if shared.in_flight.load(Ordering::Acquire) >= shared.limit {
             return Err(Refusal::Full);
         }
         shared.in_flight.fetch_add(1, Ordering::AcqRel);
         if let Some(chat) = chat {
-            shared.busy_chats.lock().insert(chat.to_string());
+            busy.insert(chat.to_string());
         }
+        drop(busy);
         Ok(Ticket {
             shared: Arc::clone(shared),
             chat: chat.map(str::to_string),
@@ -91,6 +92,21 @@ impl Ticket {
     /// Holds the tenant's place for as long as this ticket.
     pub fn hold(&mut self, pass: Pass) {
         self.tenant = Some(pass);
+    }
+
+    /// Holds `chat` busy until the ticket is dropped, for a request whose chat is known only
+    /// once its body has been read (a response continuing an earlier one); refused while
+    /// another request holds it. A ticket holds one chat at most.
+    pub fn hold_chat(&mut self, chat: &str) -> Result<(), Refusal> {
+        if self.chat.as_deref() == Some(chat) {
+            return Ok(());
+        }
+        let mut busy = self.shared.busy_chats.lock();
+        if self.chat.is_some() || !busy.insert(chat.to_string()) {
+            return Err(Refusal::ChatBusy);
+        }
+        self.chat = Some(chat.to_string());
+        Ok(())
     }
 }
 
@@ -126,5 +142,18 @@ mod tests {
         assert!(a.admit(Some("d")).is_ok());
         drop(t);
         assert!(a.admit(Some("c")).is_ok());
+    }
+
+    #[test]
+    fn a_worker_holds_a_chat_found_in_the_body_like_the_acceptor_does() {
+        let a = Admission::new(10);
+        let mut t = a.admit(None).unwrap();
+        t.hold_chat("c").unwrap();
+        assert_eq!(a.admit(Some("c")).err(), Some(Refusal::ChatBusy));
+        let mut other = a.admit(None).unwrap();
+        assert_eq!(other.hold_chat("c").err(), Some(Refusal::ChatBusy));
+        drop(t);
+        assert!(other.hold_chat("c").is_ok());
+        assert_eq!(other.hold_chat("d").err(), Some(Refusal::ChatBusy));
     }
 }

@@ -82,12 +82,14 @@ const HANG: Duration = Duration::from_secs(600);
 /// Largest request body read.
 const MAX_BODY: usize = 16 << 20;
 
-/// What the mock has seen, for `GET /stats`: completions asked for, and calls whose client
-/// hung up before the answer was whole.
+/// What the mock has seen, for `GET /stats` (completions asked for, and calls whose client
+/// hung up before the answer was whole) and `GET /last-request`.
 #[derive(Default)]
 struct Stats {
     completions: AtomicU64,
     disconnects: AtomicU64,
+    /// The messages of the latest completion request, so a test can see what chatpool sent.
+    last_messages: parking_lot::Mutex<Vec<ChatMessage>>,
 }
 
 struct Mock {
@@ -248,6 +250,11 @@ impl Mock {
                     "",
                 )
                 .map(|_| After::KeepOpen),
+                ("GET", "/last-request") => {
+                    let messages = self.stats.last_messages.lock().clone();
+                    write_json(&mut out, 200, &json!({ "messages": messages }), "")
+                        .map(|_| After::KeepOpen)
+                }
                 _ => write_json(&mut out, 404, &error_body("no such endpoint in mock-llm"), "").map(|_| After::KeepOpen),
             };
             if request.close || !matches!(after, Ok(After::KeepOpen)) {
@@ -276,6 +283,7 @@ impl Mock {
                 return Ok(After::KeepOpen);
             }
         };
+        self.stats.last_messages.lock().clone_from(&parsed.messages);
         let o = &self.options;
         let latency = Duration::from_millis(o.latency_ms + fastrand::u64(..=o.jitter_ms));
         if !self.client_stays(out, latency) {

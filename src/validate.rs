@@ -61,6 +61,25 @@ pub fn tenant(name: &str, field: &str) -> Result<(), Invalid> {
     }
 }
 
+/// An id of OpenAI's APIs as chatpool hands them out, from the place named `field`: `prefix`
+/// (`resp_`, `conv_`, `msg_`) and 1 to 120 characters of `A-Z a-z 0-9 _ -`, so it is also a
+/// valid chat id as it stands.
+pub fn openai_id(id: &str, prefix: &str, field: &str) -> Result<(), Invalid> {
+    let fits = id.strip_prefix(prefix).is_some_and(|rest| {
+        (1..=120).contains(&rest.len())
+            && rest
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+    });
+    if fits {
+        Ok(())
+    } else {
+        Err(Invalid(format!(
+            "{field} must be `{prefix}` and 1 to 120 characters of A-Z a-z 0-9 _ -"
+        )))
+    }
+}
+
 /// A `temperature`: absent (null) or 0 to 2.
 pub fn temperature(value: &Value) -> Result<Option<f64>, Invalid> {
     match value {

@@ -14,6 +14,16 @@ pub enum ApiError {
     InvalidJson(String),
     /// 400 `invalid_request`: JSON of the wrong shape, or a bad path or query value.
     InvalidRequest(String),
+    /// 400 `invalid_request` about one field of the body, named in the body's `param` (and
+    /// `code`, where OpenAI's API gives one) as well as in the message, as OpenAI answers.
+    InvalidParam {
+        /// The field, as OpenAI names it (`input[1].content[0].type`).
+        param: String,
+        /// OpenAI's `code`, such as `previous_response_not_found`.
+        code: Option<&'static str>,
+        /// What is wrong with it.
+        message: String,
+    },
     /// 401 `unauthorized`: auth is on and the bearer token is missing or wrong.
     Unauthorized(&'static str),
     /// 404 `not_found`: no such route or chat.
@@ -60,7 +70,7 @@ impl ApiError {
     pub fn status_and_type(&self) -> (u16, &'static str) {
         match self {
             ApiError::InvalidJson(_) => (400, "invalid_json"),
-            ApiError::InvalidRequest(_) => (400, "invalid_request"),
+            ApiError::InvalidRequest(_) | ApiError::InvalidParam { .. } => (400, "invalid_request"),
             ApiError::Unauthorized(_) => (401, "unauthorized"),
             ApiError::NotFound(_) => (404, "not_found"),
             ApiError::MethodNotAllowed { .. } => (405, "method_not_allowed"),
@@ -119,9 +129,14 @@ impl ApiError {
     /// The JSON body: `{"error": {"type", "message", "request_id"}}`.
     pub fn body(&self, request_id: &str) -> serde_json::Value {
         let (_, kind) = self.status_and_type();
-        serde_json::json!({
+        let mut body = serde_json::json!({
             "error": {"type": kind, "message": self.to_string(), "request_id": request_id}
-        })
+        });
+        if let ApiError::InvalidParam { param, code, .. } = self {
+            body["error"]["param"] = param.as_str().into();
+            body["error"]["code"] = (*code).into();
+        }
+        body
     }
 }
 
@@ -129,6 +144,7 @@ impl fmt::Display for ApiError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ApiError::InvalidJson(m) | ApiError::InvalidRequest(m) | ApiError::NotFound(m) => f.write_str(m),
+            ApiError::InvalidParam { message, .. } => f.write_str(message),
             ApiError::Unauthorized(m) => f.write_str(m),
             ApiError::MethodNotAllowed { allow } => write!(f, "method not allowed here; allowed: {allow}"),
             ApiError::ChatBusy => f.write_str(

@@ -47,23 +47,23 @@ pub struct Job {
 }
 
 /// What the stages read of a job's request; the responder owns the request itself.
-struct Asked {
-    route: Route,
-    tenant: String,
-    request_id: String,
+pub(super) struct Asked {
+    pub(super) route: Route,
+    pub(super) tenant: String,
+    pub(super) request_id: String,
     /// The `Idempotency-Key` header, unchecked.
-    key: Option<String>,
-    body: Vec<u8>,
+    pub(super) key: Option<String>,
+    pub(super) body: Vec<u8>,
     /// Set by the client's connection when the client hangs up, and by a stream's failed send.
-    hangup: Arc<AtomicBool>,
+    pub(super) hangup: Arc<AtomicBool>,
 }
 
 /// A worker's resources for serving API requests.
 pub struct Handler {
-    readers: Readers,
-    writer: Writer,
-    llm: LlmClient,
-    config: Arc<Config>,
+    pub(super) readers: Readers,
+    pub(super) writer: Writer,
+    pub(super) llm: LlmClient,
+    pub(super) config: Arc<Config>,
     metrics: Arc<Metrics>,
     tenants: Tenants,
 }
@@ -96,7 +96,7 @@ impl Handler {
             tenant,
             request_id,
             received,
-            ticket,
+            mut ticket,
         } = job;
         let (method, url, name) = (
             request.method().to_string(),
@@ -124,7 +124,7 @@ impl Handler {
         });
         let mut responder = Responder::new(request, &request_id, self.llm.model());
         let answer = match asked {
-            Ok(asked) => self.guarded(&asked, &mut responder, &mut timings),
+            Ok(asked) => self.guarded(&asked, &mut ticket, &mut responder, &mut timings),
             Err(error) => Answer::Failed(error),
         };
         if let Some(detail) = failure_detail(&answer) {
@@ -154,10 +154,13 @@ impl Handler {
     fn guarded(
         &mut self,
         asked: &Asked,
+        ticket: &mut Ticket,
         responder: &mut Responder,
         timings: &mut Timings,
     ) -> Answer {
-        let answer = catch_unwind(AssertUnwindSafe(|| self.answer(asked, responder, timings)));
+        let answer = catch_unwind(AssertUnwindSafe(|| {
+            self.answer(asked, ticket, responder, timings)
+        }));
         answer.unwrap_or_else(|_| {
             log::error!(
                 "request_id={} {} panicked; answered 500",
@@ -169,10 +172,12 @@ impl Handler {
     }
 
     /// What the request is answered with: a turn's reply, a response computed whole, or the
-    /// error that refuses it.
+    /// error that refuses it. A request that finds its chat in its body holds it busy through
+    /// `ticket`.
     fn answer(
         &mut self,
         asked: &Asked,
+        ticket: &mut Ticket,
         responder: &mut Responder,
         timings: &mut Timings,
     ) -> Answer {
@@ -199,6 +204,9 @@ impl Handler {
             ))),
             Route::Usage(query) => {
                 usage::report(&self.readers, tenant, query).map(Answer::Response)
+            }
+            Route::Responses(endpoint) => {
+                super::responses::serve(self, endpoint, asked, ticket, responder, timings)
             }
         };
         answer.unwrap_or_else(Answer::Failed)
@@ -324,7 +332,7 @@ impl Handler {
     /// store them, whether or not the client is still there. A chat's exchange, handed over
     /// next, waits for the commit that stores both; a relay, which stores nothing else, waits
     /// here, so that its answer too means its usage is stored.
-    fn count_usage(&self, asked: &Asked, in_chat: bool, completion: &Completion) {
+    pub(super) fn count_usage(&self, asked: &Asked, in_chat: bool, completion: &Completion) {
         let spend = usage::spend(&self.tenants, &asked.tenant, completion);
         if in_chat {
             self.writer.add_usage(spend);

@@ -9,6 +9,7 @@ mod handler;
 pub mod openai;
 pub mod request;
 mod responder;
+pub mod responses;
 pub mod route;
 mod sse;
 mod turn;

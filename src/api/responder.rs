@@ -22,6 +22,9 @@ pub enum Answer {
     Reply(Reply, Shape),
     /// The error that refuses the request, or ends its stream.
     Failed(ApiError),
+    /// The last events of a stream the worker wrote as it went (the Responses API's), by name;
+    /// the stream opens with them if nothing opened it.
+    Events(Vec<(&'static str, Value)>),
     /// Nothing: the client left, and nothing was stored.
     Abandoned,
 }
@@ -116,12 +119,28 @@ impl Responder {
         self.send(format, None, &data.to_string())
     }
 
+    /// Sends one named event, opening the stream at the first; `false` once the client is gone.
+    /// A failure after it is written as OpenAI's front door writes one: a `data:` line holding
+    /// the error, which OpenAI's SDK raises.
+    pub fn event(&mut self, name: &str, data: &Value) -> bool {
+        let format = Format::OpenAi {
+            include_usage: false,
+        };
+        self.send(format, Some(name), &data.to_string())
+    }
+
     /// Writes the answer, and returns the status to count for it.
     pub fn finish(mut self, answer: Answer, timings: &Timings) -> u16 {
         match answer {
             Answer::Abandoned => CLIENT_GONE,
             Answer::Response(response) => self.whole(response),
             Answer::Failed(error) => self.fail(&error),
+            Answer::Events(events) => {
+                for (name, data) in &events {
+                    self.event(name, data);
+                }
+                self.end_stream()
+            }
             Answer::Reply(reply, shape) if !shape.stream => {
                 let body = self.reply_body(&reply, shape.format, timings);
                 self.whole(json_response(200, &body))

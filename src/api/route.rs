@@ -2,6 +2,7 @@
 //! acceptor for every request before anything is queued.
 
 use super::error::ApiError;
+use super::responses::Endpoint;
 use crate::store::usage::{GroupBy, UsageQuery};
 use crate::tenants::day::Day;
 use crate::validate;
@@ -65,6 +66,8 @@ pub enum Route {
     ListModels,
     /// `GET /v1/usage?from=&to=&group_by=`
     Usage(UsageQuery),
+    /// OpenAI's Responses and Conversations APIs.
+    Responses(Endpoint),
 }
 
 impl Route {
@@ -78,6 +81,7 @@ impl Route {
             Route::ChatCompletions { .. } => "chat_completions",
             Route::ListModels => "list_models",
             Route::Usage(_) => "usage",
+            Route::Responses(endpoint) => endpoint.name(),
         }
     }
 
@@ -96,6 +100,7 @@ impl Route {
         match self {
             Route::PostMessage { chat_id } | Route::DeleteChat { chat_id } => Some(chat_id),
             Route::ChatCompletions { chat_id } => chat_id.as_deref(),
+            Route::Responses(endpoint) => endpoint.busy_chat(),
             _ => None,
         }
     }
@@ -183,6 +188,9 @@ fn route_path(method: &Method, url: &str) -> Result<Target, ApiError> {
             only("GET", get)?;
             Target::Api(Route::Usage(usage_query(query)?))
         }
+        ["v1", "responses" | "conversations", ..] => Target::Api(Route::Responses(
+            super::responses::route(method, &segments[1..], query)?,
+        )),
         ["v1", "chats", id] => {
             only("DELETE", *method == Method::Delete)?;
             Target::Api(Route::DeleteChat {

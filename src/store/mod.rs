@@ -104,6 +104,37 @@ const MIGRATIONS: &[&str] = &[
         SELECT tenant, substr(created_at, 1, 10), coalesce(model, ''), count(*),
                coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0)
         FROM messages WHERE role = 'assistant' GROUP BY 1, 2, 3;",
+    // 5: OpenAI's Responses and Conversations, kept in chats: a message may carry the item id
+    // those APIs named it by; a response maps its id to the run of messages it stored in a
+    // chat (its inputs, then its reply); a conversation is a chat with an id, a creation time
+    // and metadata of its own.
+    "ALTER TABLE messages ADD COLUMN item_id TEXT;
+    CREATE UNIQUE INDEX messages_by_item_id ON messages(tenant, chat_id, item_id)
+        WHERE item_id IS NOT NULL;
+    CREATE TABLE responses (
+        tenant TEXT NOT NULL,
+        response_id TEXT NOT NULL,
+        chat_id TEXT NOT NULL,
+        conversation_id TEXT,
+        previous_response_id TEXT,
+        first_message_id INTEGER NOT NULL,
+        reply_message_id INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        echo TEXT NOT NULL,
+        idempotency_key TEXT,
+        fingerprint TEXT,
+        PRIMARY KEY (tenant, response_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX responses_by_chat ON responses(tenant, chat_id);
+    CREATE UNIQUE INDEX responses_by_idempotency_key ON responses(tenant, idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    CREATE TABLE conversations (
+        tenant TEXT NOT NULL,
+        conversation_id TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        metadata TEXT NOT NULL,
+        PRIMARY KEY (tenant, conversation_id)
+    ) WITHOUT ROWID;",
 ];
 
 /// The tenant that owns every chat while auth is off, and every chat stored before it existed.
@@ -121,12 +152,14 @@ const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%SZ', 'now')";
 
 mod memory;
 mod readers;
+mod responses;
 pub mod transfer;
 pub mod usage;
 mod writer;
 
 pub use memory::{sqlite_memory, SqliteMemory};
 pub use readers::{Reader, Readers, MAX_READERS, READ_CACHE_KIB};
+pub use responses::{Conversation, Item, ItemPage, NewItem, NewResponse, Order, StoredResponse};
 pub use writer::Writer;
 
 /// What can go wrong with the database.
@@ -715,10 +748,16 @@ fn reserve_message_ids(conn: &Connection, count: usize) -> Result<i64, StoreErro
 fn remove_chat(conn: &Connection, tenant: &str, chat_id: &str) -> Result<bool, StoreError> {
     conn.prepare_cached("DELETE FROM messages WHERE tenant = ?1 AND chat_id = ?2")?
         .execute(params![tenant, chat_id])?;
+    // A response or conversation kept in the chat goes with it.
+    conn.prepare_cached("DELETE FROM responses WHERE tenant = ?1 AND chat_id = ?2")?
+        .execute(params![tenant, chat_id])?;
+    let conversation = conn
+        .prepare_cached("DELETE FROM conversations WHERE tenant = ?1 AND conversation_id = ?2")?
+        .execute(params![tenant, chat_id])?;
     let deleted = conn
         .prepare_cached("DELETE FROM chats WHERE tenant = ?1 AND chat_id = ?2")?
         .execute(params![tenant, chat_id])?;
-    Ok(deleted > 0)
+    Ok(deleted + conversation > 0)
 }
 
 fn message_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {

@@ -39,6 +39,9 @@ enum Pending {
         chat_id: String,
         done: Sender<Result<bool, StoreError>>,
     },
+    /// Any other write (the Responses and Conversations APIs'), in a transaction of its own;
+    /// it sends its own result.
+    Task(Box<dyn FnOnce(&mut Store) + Send>),
 }
 
 /// A handle for storing exchanges and deleting chats; clone one per worker. The writer thread returns once every
@@ -122,6 +125,19 @@ impl Writer {
         self.send(pending, result)
     }
 
+    /// Runs `task` on the writer's connection, in its place among the other writes, and
+    /// returns its result once it is done.
+    pub(super) fn run_task<T: Send + 'static>(
+        &self,
+        task: impl FnOnce(&mut Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (done, result) = crossbeam_channel::bounded(1);
+        let task = Box::new(move |store: &mut Store| {
+            let _ = done.send(task(store));
+        });
+        self.send(Pending::Task(task), result)
+    }
+
     fn send<T>(
         &self,
         pending: Pending,
@@ -154,6 +170,10 @@ fn run(mut store: Store, incoming: Receiver<Pending>) {
                     // The exchanges handed over before it are committed before it.
                     batch.commit(&mut store);
                     let _ = done.send(store.delete_chat(&tenant, &chat_id));
+                }
+                Pending::Task(task) => {
+                    batch.commit(&mut store);
+                    task(&mut store);
                 }
             }
         }
