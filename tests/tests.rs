@@ -13,6 +13,7 @@ mod lifecycle;
 mod metrics;
 mod openai;
 mod resilience;
+mod responses;
 mod streaming;
 mod tenants;
 mod transfer;
