@@ -733,4 +733,34 @@ mod tests {
         let found = s.item("t", "c", "msg_1").unwrap().unwrap();
         assert_eq!((found.id.as_str(), found.content.as_str()), ("msg_1", "u"));
     }
+
+    #[test]
+    fn a_version_3_database_migrates_to_keep_responses_and_migrating_again_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v3.db");
+        let conn = Connection::open(&path).unwrap();
+        for sql in &super::super::MIGRATIONS[..3] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.execute_batch(
+            "INSERT INTO messages (tenant, chat_id, id, role, content, created_at)
+                 VALUES ('t', 'c', 1, 'user', 'old', 'x'), ('t', 'c', 2, 'assistant', 'reply', 'x');
+             INSERT INTO chats VALUES ('t', 'c', 'x', 'x', 2, 2);
+             UPDATE message_ids SET next = 3;
+             PRAGMA user_version = 3;",
+        )
+        .unwrap();
+        drop(conn);
+        let mut s = Store::open_and_migrate(&path, Synchronous::Normal).unwrap();
+        assert_eq!(s.item("t", "c", "msg_2").unwrap().unwrap().content, "reply");
+        s.insert_response(&response("resp_1", "c", None, "new"))
+            .unwrap();
+        drop(s);
+        let mut s = Store::open_and_migrate(&path, Synchronous::Normal).unwrap();
+        let stored = s.response("t", "resp_1").unwrap().unwrap();
+        assert_eq!((stored.first_message_id, stored.reply_message_id), (3, 4));
+        let page = s.items("t", "c", (0, i64::MAX), Order::Asc, 10).unwrap();
+        let ids: Vec<_> = page.items.iter().map(|i| i.id.as_str()).collect();
+        assert_eq!(ids, ["msg_1", "msg_2", "msg_in_resp_1", "msg_out_resp_1"]);
+    }
 }
