@@ -756,7 +756,7 @@ mod tests {
         s.insert_response(&response("resp_1", "c", None, "new"))
             .unwrap();
         drop(s);
-        let mut s = Store::open_and_migrate(&path, Synchronous::Normal).unwrap();
+        let s = Store::open_and_migrate(&path, Synchronous::Normal).unwrap();
         let stored = s.response("t", "resp_1").unwrap().unwrap();
         assert_eq!((stored.first_message_id, stored.reply_message_id), (3, 4));
         let page = s.items("t", "c", (0, i64::MAX), Order::Asc, 10).unwrap();
