@@ -591,6 +591,54 @@ fn an_idempotency_key_replays_the_stored_response_and_refuses_another_body() {
 }
 
 #[test]
+fn an_idempotency_key_where_nothing_replays_it_is_refused_and_adds_nothing() {
+    let mock = mock_llm(&[]);
+    let work = Workdir::new();
+    let server = work.serve(&openai_llm(mock.addr, ""));
+    let key = [("Idempotency-Key", "k-1")];
+    let body = json!({"items": [{"role": "user", "content": "x"}]}).to_string();
+    let created = request(server.addr, "POST", "/v1/conversations", Some(&body), &key);
+    assert_eq!(
+        (created.status, created.error_type()),
+        (400, "invalid_request".to_string())
+    );
+    assert!(created.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("Idempotency-Key"));
+    assert_eq!(count(&work.db(), "conversations"), 0);
+}
+
+#[test]
+fn a_responses_tokens_count_against_its_tenants_daily_budget() {
+    let upstream = FakeUpstream::replying("fine");
+    let work = Workdir::new();
+    let config = format!(
+        "{}[limits]\ntokens_per_day = 5\n",
+        openai_llm(upstream.addr, "")
+    );
+    let server = work.serve(&config);
+    create(server.addr, json!({"input": "one", "store": false}));
+    let total = &get(server.addr, "/v1/usage").json()["data"][0];
+    assert_eq!(
+        (total["requests"].as_u64(), total["total_tokens"].as_u64()),
+        (Some(1), Some(9))
+    );
+    let refused = call(
+        server.addr,
+        "POST",
+        "/v1/responses",
+        Some(json!({"input": "two"})),
+        None,
+    );
+    assert_eq!(
+        (refused.status, refused.error_type()),
+        (429, "rate_limited".to_string())
+    );
+    assert_eq!(upstream.seen().len(), 1);
+}
+
+#[test]
 fn a_chain_or_conversation_with_a_turn_in_flight_is_chat_busy() {
     let mock = mock_llm(&["--latency-ms", "3000"]);
     let work = Workdir::new();

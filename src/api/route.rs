@@ -90,7 +90,9 @@ impl Route {
     pub fn calls_llm(&self) -> bool {
         matches!(
             self,
-            Route::PostMessage { .. } | Route::ChatCompletions { .. }
+            Route::PostMessage { .. }
+                | Route::ChatCompletions { .. }
+                | Route::Responses(Endpoint::CreateResponse)
         )
     }
 

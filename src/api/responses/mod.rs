@@ -48,6 +48,12 @@ pub(super) fn serve(
 ) -> Result<Answer, ApiError> {
     let tenant = asked.tenant.as_str();
     let found = |stored: Option<StoredResponse>, id: &str| stored.ok_or_else(|| no_response(id));
+    if asked.key.is_some() && !matches!(endpoint, Endpoint::CreateResponse) {
+        // Honoured where a stored answer can be replayed; elsewhere a retry would not be safe.
+        return Err(ApiError::invalid(
+            "Idempotency-Key is honoured on POST /v1/responses only; send it there, or not at all",
+        ));
+    }
     let body = match endpoint {
         Endpoint::CreateResponse => return create(handler, asked, ticket, responder, timings),
         Endpoint::GetResponse { id } => {
