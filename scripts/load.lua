@@ -1,11 +1,13 @@
--- wrk script for scripts/load.py: each request POSTs a message to a chat, and each response's
--- status, latency and completion time are appended to LOAD_OUT/lat-<thread>.tsv as
+-- wrk script for scripts/load.py: each request POSTs a message to a chat (or, with
+-- LOAD_MODE=relay, an OpenAI chat completion to /v1/chat/completions, stateless), and each
+-- response's status, latency and completion time are appended to LOAD_OUT/lat-<thread>.tsv as
 -- "<status>\t<latency µs>\t<CLOCK_MONOTONIC µs at the response>".
 --
 -- Latency runs from just before wrk writes the request to the response callback, matched by the
 -- X-Request-Id that chatpool echoes, so interleaved connections on one thread do not mix up.
 -- A thread only picks chats it has no request in flight on, so a 409 chat_busy is never caused
--- by the load generator itself. Environment: LOAD_CHATS (default 10000), LOAD_PREFIX, LOAD_OUT.
+-- by the load generator itself. Environment: LOAD_MODE (chat or relay), LOAD_CHATS (default
+-- 10000), LOAD_PREFIX, LOAD_OUT.
 
 local ffi = require("ffi")
 ffi.cdef [[
@@ -29,7 +31,10 @@ function init(args)
   chats = tonumber(os.getenv("LOAD_CHATS") or "10000")
   prefix = os.getenv("LOAD_PREFIX") or "load-"
   threads = tonumber(os.getenv("LOAD_THREADS") or "2")
+  relay = os.getenv("LOAD_MODE") == "relay"
   body = '{"content": "Hello! How does a thread pool decide how many threads it needs?"}'
+  relay_body = '{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": '
+    .. '"Hello! How does a thread pool decide how many threads it needs?"}]}'
   sent = 0
   started = {}
   chat_of = {}
@@ -57,11 +62,14 @@ end
 function request()
   sent = sent + 1
   local id = "load" .. thread_index .. "-" .. sent
+  local headers = { ["Content-Type"] = "application/json", ["X-Request-Id"] = id }
+  started[id] = now_us()
+  if relay then
+    return wrk.format("POST", "/v1/chat/completions", headers, relay_body)
+  end
   local chat = pick_chat()
   busy[chat] = true
   chat_of[id] = chat
-  started[id] = now_us()
-  local headers = { ["Content-Type"] = "application/json", ["X-Request-Id"] = id }
   return wrk.format("POST", "/v1/chats/" .. prefix .. chat .. "/messages", headers, body)
 end
 
@@ -72,7 +80,9 @@ function response(status, headers, _)
   local now = now_us()
   local latency = now - t0
   started[id] = nil
-  busy[chat_of[id]] = nil
-  chat_of[id] = nil
+  if chat_of[id] then
+    busy[chat_of[id]] = nil
+    chat_of[id] = nil
+  end
   if file then file:write(status, "\t", math.floor(latency), "\t", math.floor(now), "\n") end
 end

@@ -3,15 +3,18 @@
 
 For each scenario it starts `chatpool mock-llm` with the scenario's latency and chatpool with its
 workers on a fresh temp database (both on free loopback ports), warms up, drives chatpool with wrk
-(scripts/load.lua) and samples chatpool's RSS and CPU from /proc. It prints one row per scenario
-and writes the same as JSON to target/load/. Standard library only.
+(scripts/load.lua) and samples chatpool's RSS and CPU from /proc. Then a short extra phase counts
+chatpool's system calls per request (perf stat on the syscall tracepoints, or strace -c -f where
+perf cannot). It prints one row per scenario, then the cost per request, and writes the same as
+JSON to target/load/. Standard library only.
 
-    scripts/load.py                       # build release, run every scenario (~2 minutes)
+    scripts/load.py                       # build release, run every scenario (~3 minutes)
     scripts/load.py littles_law overload  # some scenarios
     scripts/load.py --duration 5 --bin target/release/chatpool overhead
     scripts/load.py --repeat 3            # each phase three times, then a table of medians
     scripts/load.py soak --soak-minutes 60 --bin target/release/chatpool   # RSS over an hour
     scripts/load.py soak --target go:/tmp/cpbench/peers/go/bin/peer-go   # the Go peer, same load
+    scripts/load.py relay direct          # the relay, and the same requests straight to the mock
 """
 
 import argparse
@@ -27,18 +30,25 @@ import sys
 import tempfile
 import threading
 import time
+from collections import namedtuple
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LUA = os.path.join(ROOT, "scripts", "load.lua")
 
-# name: (upstream latency ms, workers, [connections per phase], chats, prefilled exchanges/chat)
+# What a scenario's requests are: `chat` posts messages to chats; `relay` posts OpenAI chat
+# completions to /v1/chat/completions without X-Chat-Id (stateless, nothing stored); `direct`
+# sends the relay's requests straight to the mock, with no chatpool: the floor a relay is
+# measured against.
+Scenario = namedtuple("Scenario", "latency_ms workers connections chats exchanges kind")
 SCENARIOS = {
-    "overhead": (0, 16, [64], 10000, 0),
-    "history": (0, 16, [64], 128, 100),
-    "littles_law": (100, 64, [64, 256], 10000, 0),
-    "overload": (200, 8, [512], 10000, 0),
-    "scale": (1000, 1024, [1024], 10000, 0),
+    "overhead": Scenario(0, 16, [64], 10000, 0, "chat"),
+    "history": Scenario(0, 16, [64], 128, 100, "chat"),
+    "relay": Scenario(0, 16, [64], 0, 0, "relay"),
+    "direct": Scenario(0, 16, [64], 0, 0, "direct"),
+    "littles_law": Scenario(100, 64, [64, 256], 10000, 0, "chat"),
+    "overload": Scenario(200, 8, [512], 10000, 0, "chat"),
+    "scale": Scenario(1000, 1024, [1024], 10000, 0, "chat"),
 }
 QUEUE_CAPACITY = 64
 # Streamed replies: the LLM takes STREAM_LATENCY_MS to its first chunk, then STREAM_CHUNKS chunks
@@ -64,11 +74,14 @@ def ensure_wrk():
 
 
 class Proc:
-    """A child in its own process group, its address read from its ready line on stderr."""
+    """A child in its own process group, its address read from its ready line on stderr.
 
-    def __init__(self, args, marker, log_path):
+    `wrap` runs it under another command (perf stat) that execs it as its only child; `pid` is
+    then the child's, the process measured and signalled."""
+
+    def __init__(self, args, marker, log_path, wrap=()):
         self.log = open(log_path, "w")
-        self.p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        self.p = subprocess.Popen([*wrap, *args], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True, start_new_session=True)
         self.addr = None
         deadline = time.time() + 60
@@ -79,6 +92,10 @@ class Proc:
                 break
             if time.time() > deadline:
                 break
+        self.pid = self.p.pid
+        if wrap and self.addr:
+            with open(f"/proc/{self.p.pid}/task/{self.p.pid}/children") as f:
+                self.pid = int(f.read().split()[0])
         if not self.addr:
             self.stop()
             sys.exit(f"load: {args[0]} did not start; see {log_path}")
@@ -90,13 +107,90 @@ class Proc:
 
     def stop(self):
         if self.p.poll() is None:
-            os.killpg(self.p.pid, signal.SIGTERM)
+            # The measured process first: a wrapper reports once its child has exited.
+            os.kill(self.pid, signal.SIGTERM)
             try:
                 self.p.wait(10)
             except subprocess.TimeoutExpired:
                 os.killpg(self.p.pid, signal.SIGKILL)
                 self.p.wait()
         self.log.close()
+
+
+# The system calls counted one by one; the rest are counted together as "other".
+SYSCALLS = ["futex", "sched_yield", "setsockopt", "getsockopt", "ioctl", "fcntl", "recvfrom",
+            "sendto", "read", "write", "writev", "readv", "pread64", "pwrite64", "fdatasync",
+            "fsync", "poll", "ppoll", "epoll_wait", "clock_nanosleep", "mmap", "munmap",
+            "mprotect", "madvise", "brk", "close", "shutdown", "socket", "connect", "accept4",
+            "clone3", "newfstatat", "lseek", "getrandom"]
+TRACING = "/sys/kernel/tracing/events/syscalls"
+
+
+class SyscallCounter:
+    """Counts chatpool's system calls over a phase: with perf stat on the syscall tracepoints
+    (chatpool runs under it, counting only between enable and disable, its threads included),
+    or else by attaching strace -c -f for the phase, which slows chatpool down a lot but counts
+    the same calls."""
+
+    def __init__(self, work):
+        self.out = os.path.join(work, "syscalls.txt")
+        self.wrap, self.strace = (), None
+        events = [f"syscalls:sys_enter_{n}" for n in SYSCALLS
+                  if os.path.isdir(os.path.join(TRACING, f"sys_enter_{n}"))]
+        if events and perf_works():
+            self.ctl, self.ack = os.path.join(work, "perf-ctl"), os.path.join(work, "perf-ack")
+            os.mkfifo(self.ctl)
+            os.mkfifo(self.ack)
+            self.wrap = ("perf", "stat", "-x,", "-o", self.out, "-D", "-1",
+                         "--control", f"fifo:{self.ctl},{self.ack}",
+                         "-e", ",".join(["raw_syscalls:sys_enter", *events]), "--")
+        elif not shutil.which("strace"):
+            self.out = None
+
+    def _perf(self, command):
+        # perf opens the control fifo for reading and the ack fifo for writing at start.
+        with open(self.ctl, "w") as ctl:
+            ctl.write(command + "\n")
+        with open(self.ack) as ack:
+            ack.readline()
+
+    def start(self, pid):
+        if self.wrap:
+            self._perf("enable")
+        elif self.out:
+            self.strace = subprocess.Popen(["strace", "-c", "-f", "-q", "-o", self.out, "-p", str(pid)],
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1)
+
+    def stop(self):
+        if self.wrap:
+            self._perf("disable")
+        elif self.strace:
+            self.strace.send_signal(signal.SIGINT)
+            self.strace.wait(30)
+
+    def counts(self):
+        """{syscall: calls} and the total, once the phase and (for perf) chatpool are over."""
+        if not self.out or not os.path.exists(self.out):
+            return None
+        counts = {}
+        with open(self.out) as f:
+            for line in f:
+                fields = line.strip().split(",") if self.wrap else line.split()
+                if self.wrap and len(fields) > 2 and fields[0].isdigit():
+                    name = fields[2].replace("syscalls:sys_enter_", "")
+                    counts["total" if name == "raw_syscalls:sys_enter" else name] = int(fields[0])
+                elif not self.wrap and len(fields) >= 5 and fields[3].isdigit():
+                    counts[fields[-1]] = int(fields[3])
+        return counts or None
+
+
+def perf_works():
+    if not shutil.which("perf"):
+        return False
+    probe = subprocess.run(["perf", "stat", "-e", "raw_syscalls:sys_enter", "true"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return probe.returncode == 0
 
 
 class Sampler(threading.Thread):
@@ -149,12 +243,19 @@ def prefill(addr, chats, exchanges):
         list(pool.map(fill, range(chats)))
 
 
-def wrk(addr, connections, seconds, chats, out_dir=None):
-    env = dict(os.environ, LOAD_CHATS=str(chats), LOAD_THREADS="2")
+def wrk(addr, connections, seconds, chats, kind, out_dir=None):
+    env = dict(os.environ, LOAD_CHATS=str(chats), LOAD_THREADS="2", LOAD_MODE=kind)
     if out_dir:
         env["LOAD_OUT"] = out_dir
     args = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--timeout", "30s", "-s", LUA, f"http://{addr}"]
     subprocess.run(args, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def latency_dir(connections):
+    # The per-request latency log goes to memory when it can: wrk writes a line per response,
+    # and on a disk busy with the database's writeback those writes stall wrk itself.
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    return tempfile.mkdtemp(prefix=f"chatpool-load-lat-{connections}-", dir=shm)
 
 
 def percentile(sorted_values, p):
@@ -195,57 +296,81 @@ def steady_rate(done_us, latency_ms):
 
 
 def run_phase(binary, name, connections, args, work):
-    latency, workers, _, chats, exchanges = SCENARIOS[name]
-    mock = Proc([binary, "mock-llm", "--listen", "127.0.0.1:0", "--latency-ms", str(latency)],
+    sc = SCENARIOS[name]
+    mock = Proc([binary, "mock-llm", "--listen", "127.0.0.1:0", "--latency-ms", str(sc.latency_ms)],
                 "listening on http://", os.path.join(work, "mock.log"))
     config = os.path.join(work, "config.toml")
     with open(config, "w") as f:
-        f.write(f'[server]\nlisten = "127.0.0.1:0"\nmax_concurrent_requests = {workers}\n'
+        f.write(f'[server]\nlisten = "127.0.0.1:0"\nmax_concurrent_requests = {sc.workers}\n'
                 f'queue_capacity = {QUEUE_CAPACITY}\nshutdown_grace_secs = 5\n\n'
                 f'[storage]\npath = "{os.path.join(work, "chat.db")}"\n\n'
                 f'[llm]\nprovider = "openai"\nbase_url = "http://{mock.addr}/v1"\n'
                 f'api_key_env = "LOAD_NO_KEY"\nrequest_timeout_ms = 30000\n')
-    server = Proc([binary, "--config", config], "listening on http://", os.path.join(work, "chatpool.log"))
+    kind = "relay" if sc.kind == "direct" else sc.kind
+    syscalls = SyscallCounter(work) if args.syscall_seconds and sc.kind != "direct" else None
+    server = None
+    if sc.kind != "direct":
+        server = Proc([binary, "--config", config], "listening on http://",
+                      os.path.join(work, "chatpool.log"), wrap=syscalls.wrap if syscalls else ())
+    addr = server.addr if server else mock.addr
+    out_dir, calls_dir = latency_dir(connections), latency_dir(connections)
     try:
-        if exchanges:
-            log(f"load: {name}: prefilling {chats} chats with {exchanges} exchanges each")
-            prefill(server.addr, chats, exchanges)
+        if sc.exchanges:
+            log(f"load: {name}: prefilling {sc.chats} chats with {sc.exchanges} exchanges each")
+            prefill(addr, sc.chats, sc.exchanges)
         if args.warmup:
-            wrk(server.addr, min(connections, workers), args.warmup, chats)
+            wrk(addr, min(connections, sc.workers), args.warmup, sc.chats, kind)
             time.sleep(1)
-        # The per-request latency log goes to memory when it can: wrk writes a line per response,
-        # and on a disk busy with the database's writeback those writes stall wrk itself.
-        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        out_dir = tempfile.mkdtemp(prefix=f"chatpool-load-lat-{connections}-", dir=shm)
-        sampler = Sampler(server.p.pid)
+        sampler = Sampler(server.pid if server else mock.pid)
         sampler.start()
         started = time.time()
-        wrk(server.addr, connections, args.duration, chats, out_dir)
+        wrk(addr, connections, args.duration, sc.chats, kind, out_dir)
         elapsed = time.time() - started
         peak_rss, cpu = sampler.finish()
+        if syscalls:
+            time.sleep(1)
+            syscalls.start(server.pid)
+            wrk(addr, connections, args.syscall_seconds, sc.chats, kind, calls_dir)
+            syscalls.stop()
     finally:
-        server.stop()
+        if server:
+            server.stop()
         mock.stop()
     by_status, done_2xx = read_latencies(out_dir)
-    shutil.rmtree(out_dir, ignore_errors=True)
+    counted = sum(len(v) for v in read_latencies(calls_dir)[0].values())
+    for d in (out_dir, calls_dir):
+        shutil.rmtree(d, ignore_errors=True)
     ok = sorted(v for s, vals in by_status.items() if 200 <= s < 300 for v in vals)
     total = sum(len(v) for v in by_status.values())
+    shed = len(by_status.get(503, []))
+    in_flight = min(connections, sc.workers + QUEUE_CAPACITY)
     row = {
-        "scenario": name, "connections": connections, "workers": workers,
-        "queue_capacity": QUEUE_CAPACITY, "upstream_latency_ms": latency,
+        "scenario": name, "kind": sc.kind, "connections": connections, "workers": sc.workers,
+        "queue_capacity": QUEUE_CAPACITY, "upstream_latency_ms": sc.latency_ms,
         "duration_s": round(elapsed, 2),
         "rps_2xx": round(len(ok) / elapsed, 1),
         "latency_2xx_ms": {p: percentile(ok, q) for p, q in
                            (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))},
         "non_2xx": {str(s): len(v) for s, v in by_status.items() if not 200 <= s < 300},
         "p99_503_ms": percentile(by_status.get(503, []), 99),
+        # For `direct`, the mock's own RSS and CPU: there is no chatpool in the path.
         "peak_rss_mb": round(peak_rss / 2**20, 1),
+        "rss_kb_per_in_flight": round(peak_rss / 1024 / in_flight, 1),
         "cpu_s_per_1000": round(cpu / total * 1000, 3) if total else None,
+        "cpu_us_per_request": round(cpu / total * 1e6, 1) if total else None,
+        # The whole phase's CPU over its 503s: an upper bound on what one costs.
+        "cpu_us_per_503": round(cpu / shed * 1e6, 1) if shed > total / 2 else None,
     }
-    if latency:
-        limit = workers / (latency / 1000)
+    counts = syscalls.counts() if syscalls else None
+    if counts and counted:
+        row["syscall_requests"] = counted
+        row["syscalls_per_request"] = round(counts["total"] / counted, 1)
+        row["syscalls_by_name"] = {n: round(c / counted, 2) for n, c in
+                                   sorted(counts.items(), key=lambda kv: -kv[1]) if n != "total" and c}
+    if sc.latency_ms:
+        limit = sc.workers / (sc.latency_ms / 1000)
         row["efficiency"] = round(len(ok) / elapsed / limit, 3)
-        steady = steady_rate(done_2xx, latency)
+        steady = steady_rate(done_2xx, sc.latency_ms)
         row["efficiency_steady"] = round(steady / limit, 3) if steady else None
     return row
 
@@ -593,7 +718,8 @@ def medians(rows):
     for runs in phases.values():
         row = dict(runs[0])
         for key in ("rps_2xx", "p99_503_ms", "peak_rss_mb", "cpu_s_per_1000", "efficiency",
-                    "efficiency_steady"):
+                    "efficiency_steady", "rss_kb_per_in_flight", "cpu_us_per_request",
+                    "cpu_us_per_503", "syscalls_per_request"):
             row[key] = median([r.get(key) for r in runs])
         row["latency_2xx_ms"] = {k: median([r["latency_2xx_ms"][k] for r in runs])
                                  for k in runs[0]["latency_2xx_ms"]}
@@ -624,6 +750,26 @@ def print_rows(rows):
           "whole run; steady: the same once every connection is running (see steady_rate)")
 
 
+def print_costs(rows):
+    head = (f"{'scenario':<12} {'conns':>5} {'cpu µs/req':>10} {'µs/503':>7} {'KB/in-flight':>12} "
+            f"{'calls/req':>9}  system calls per request, most first")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        by_name = r.get("syscalls_by_name") or {}
+        named = sum(by_name.values())
+        top = [f"{n} {c:.1f}" for n, c in list(by_name.items())[:8] if c >= 0.05]
+        if "syscalls_per_request" in r and r["syscalls_per_request"] - named >= 0.05:
+            top.append(f"other {r['syscalls_per_request'] - named:.1f}")
+        print(f"{r['scenario']:<12} {r['connections']:>5} {fmt(r.get('cpu_us_per_request')):>10} "
+              f"{fmt(r.get('cpu_us_per_503')):>7} {fmt(r.get('rss_kb_per_in_flight')):>12} "
+              f"{fmt(r.get('syscalls_per_request')):>9}  {', '.join(top)}")
+    print("cpu µs/req: chatpool's CPU over every response of the measured phase (direct: the "
+          "mock's); µs/503: the same over the 503s alone, when most answers are 503s; "
+          "KB/in-flight: peak RSS over the requests in flight; calls/req: chatpool's system calls "
+          "over the responses of a short extra phase (--syscall-seconds)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("scenarios", nargs="*", metavar="SCENARIO",
@@ -631,6 +777,8 @@ def main():
     parser.add_argument("--bin", help="chatpool binary (default: build target/release/chatpool)")
     parser.add_argument("--duration", type=int, default=15, help="seconds per measured phase (15)")
     parser.add_argument("--warmup", type=int, default=3, help="seconds of warm-up, 0 for none (3)")
+    parser.add_argument("--syscall-seconds", type=int, default=5,
+                        help="seconds of the extra phase that counts system calls, 0 for none (5)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs of each phase; with more than one, also a table of medians (1)")
     parser.add_argument("--soak-minutes", type=float, default=60, help="soak: minutes of traffic (60)")
@@ -664,7 +812,7 @@ def main():
                 log(f"load: streaming, {STREAM_CLIENTS} clients, {args.duration} s")
                 streaming = run_streaming(binary, args, work)
             continue
-        for connections in SCENARIOS[name][2]:
+        for connections in SCENARIOS[name].connections:
             for run in range(1, args.repeat + 1):
                 with tempfile.TemporaryDirectory(prefix="chatpool-load-") as work:
                     log(f"load: {name}, {connections} connections, {args.duration} s, "
@@ -672,9 +820,13 @@ def main():
                     rows.append(run_phase(binary, name, connections, args, work))
     if rows:
         print_rows(rows)
+        print()
+        print_costs(rows)
     if rows and args.repeat > 1:
         print(f"\nmedians of {args.repeat} runs, each column on its own")
         print_rows(medians(rows))
+        print()
+        print_costs(medians(rows))
     if streaming:
         print_streaming(streaming)
         rows.append(streaming)

@@ -132,6 +132,8 @@ struct Request {
     path: String,
     body: Vec<u8>,
     close: bool,
+    /// Echoed back, so a load generator aimed straight at the mock can time each request.
+    request_id: Option<String>,
 }
 
 /// Reads one request; `None` when the client closed the connection.
@@ -147,6 +149,7 @@ fn read_request(reader: &mut impl BufRead) -> io::Result<Option<Request>> {
     );
     let mut length = 0usize;
     let mut close = false;
+    let mut request_id = None;
     loop {
         line.clear();
         if reader.read_line(&mut line)? == 0 {
@@ -162,6 +165,8 @@ fn read_request(reader: &mut impl BufRead) -> io::Result<Option<Request>> {
                 length = value.trim().parse().unwrap_or(0);
             } else if name.eq_ignore_ascii_case("connection") {
                 close = value.trim().eq_ignore_ascii_case("close");
+            } else if name.eq_ignore_ascii_case("x-request-id") {
+                request_id = Some(value.trim().to_string());
             }
         }
     }
@@ -175,6 +180,7 @@ fn read_request(reader: &mut impl BufRead) -> io::Result<Option<Request>> {
         path,
         body,
         close,
+        request_id,
     }))
 }
 
@@ -232,7 +238,7 @@ impl Mock {
         let mut out = stream;
         while let Ok(Some(request)) = read_request(&mut reader) {
             let after = match (request.method.as_str(), request.path.split('?').next().unwrap_or("")) {
-                ("POST", "/v1/chat/completions") => self.completion(&request.body, &mut out),
+                ("POST", "/v1/chat/completions") => self.completion(&request, &mut out),
                 ("GET", "/v1/models") => write_json(
                     &mut out,
                     200,
@@ -269,9 +275,9 @@ impl Mock {
         (in_first && fastrand::f64() < self.options.fault_rate).then_some(fault)
     }
 
-    fn completion(&self, body: &[u8], out: &mut TcpStream) -> io::Result<After> {
+    fn completion(&self, request: &Request, out: &mut TcpStream) -> io::Result<After> {
         let n = self.stats.completions.fetch_add(1, Ordering::SeqCst);
-        let parsed: CompletionBody = match serde_json::from_slice(body) {
+        let parsed: CompletionBody = match serde_json::from_slice(&request.body) {
             Ok(parsed) => parsed,
             Err(e) => {
                 write_json(
@@ -298,7 +304,8 @@ impl Mock {
         if parsed.stream {
             return self.stream(out, completion);
         }
-        self.whole(n, completion, fault == Some(Fault::Drip), out)
+        let drip = fault == Some(Fault::Drip);
+        self.whole(n, completion, drip, request.request_id.as_deref(), out)
     }
 
     /// Answers with the fault, unless it is none or only slows the answer down (a drip).
@@ -330,12 +337,14 @@ impl Mock {
         Ok(Some(after))
     }
 
-    /// A whole `chat.completion`, the `n`-th; with `drip`, a byte at a time.
+    /// A whole `chat.completion`, the `n`-th, echoing the request's id; with `drip`, a byte at
+    /// a time.
     fn whole(
         &self,
         n: u64,
         completion: crate::llm::wire::Completion,
         drip: bool,
+        request_id: Option<&str>,
         out: &mut TcpStream,
     ) -> io::Result<After> {
         let created = SystemTime::now()
@@ -352,11 +361,18 @@ impl Mock {
             "usage": completion.usage,
         })
         .to_string();
-        out.write_all(head(200, "application/json", Some(body.len()), "").as_bytes())?;
+        let echo = request_id
+            .map(|id| format!("X-Request-Id: {id}\r\n"))
+            .unwrap_or_default();
+        let mut answer = head(200, "application/json", Some(body.len()), &echo);
         if !drip {
-            out.write_all(body.as_bytes())?;
+            // One write, so the answer leaves in one segment as a real server's would, and the
+            // client reads it with one call.
+            answer.push_str(&body);
+            out.write_all(answer.as_bytes())?;
             return Ok(After::KeepOpen);
         }
+        out.write_all(answer.as_bytes())?;
         for byte in body.as_bytes() {
             out.write_all(std::slice::from_ref(byte))?;
             out.flush()?;
