@@ -1,22 +1,22 @@
 //! The acceptor thread: every request passes through it, and it never waits on anything.
 //!
 //! For each request it decides, as a value, what happens to it: an operations endpoint it
-//! answers itself, a refusal (401, 404, 409, 413, 429, 503 ...), or admission into the bounded job
-//! channel with `try_send`, so a full pool is a 503 at once and never a wait. `/readyz` reads
+//! answers itself, a refusal (401, 404, 409, 413, 429, 503 ...), or admission into the job
+//! queue, which admission bounds, so a full pool is a 503 at once and never a wait. `/readyz` reads
 //! the database, which can wait on a lock, so that check runs on a thread of its own. A panic
 //! while deciding is caught: the request gets a 500 and admission goes on. The acceptor owns
-//! the channel's only sender: draining drops it, which lets the workers finish the queue and
+//! the queue's only sender: draining drops it, which lets the workers finish the queue and
 //! return.
 
 use crate::admission::{Admission, Refusal, Ticket};
 use crate::api::{self, ApiError, HttpResponse, Job, Ops, Route, Target};
 use crate::auth::Auth;
 use crate::config::Config;
+use crate::handoff::{Receiver, Sender};
 use crate::metrics::Metrics;
 use crate::readiness::Readiness;
 use crate::store;
 use crate::tenants::{Clock, Tenants};
-use crossbeam_channel::{Receiver, Sender, TrySendError};
 use serde_json::json;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,9 +39,9 @@ pub struct Control {
 pub struct Acceptor {
     /// Where requests come from.
     pub http: Arc<tiny_http::Server>,
-    /// The only sender of the job channel; `None` once draining.
+    /// The only sender of the job queue; `None` once draining.
     pub jobs: Option<Sender<Job>>,
-    /// The workers' end of the channel, kept only to read the queue's length.
+    /// The workers' end of the queue, kept only to read its length.
     pub queue: Receiver<Job>,
     /// How many requests are in flight, and which chats are busy.
     pub admission: Admission,
@@ -217,11 +217,8 @@ impl Acceptor {
         let Some(jobs) = &self.jobs else {
             return Some(job.request);
         };
-        // The channel has room for every ticket, so this fails only if admission is wrong.
-        match jobs.try_send(job) {
-            Ok(()) => None,
-            Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => Some(job.request),
-        }
+        // Fails only once every worker is gone.
+        jobs.send(job).err().map(|job| job.request)
     }
 
     /// An operations endpoint's answer (`/readyz` only while draining: else it reads the

@@ -1,12 +1,13 @@
-//! The worker pool: a fixed set of named threads taking jobs from one bounded channel.
+//! The worker pool: a fixed set of named threads taking jobs from one queue.
 //!
-//! Threads are started once and live as long as the channel has a sender: the acceptor holds
+//! Threads are started once and live as long as the queue has a sender: the acceptor holds
 //! the only one, so dropping it lets the workers finish what is queued and return. Each worker
 //! owns what it needs (its handler, with its clone of the LLM client and its handles on storage)
 //! inside its closure, and holds no lock across I/O. A job that panics is caught and logged; the
 //! thread takes the next job, because losing a worker would quietly shrink the pool for every
 //! user.
 
+use crate::handoff;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::thread::{self, JoinHandle};
@@ -22,8 +23,8 @@ pub struct Pool {
 
 impl Pool {
     /// Starts one thread per element of `workers`, named `worker-0`, `worker-1`, …, each
-    /// running its closure on jobs from `jobs` until the channel is closed and empty.
-    pub fn start<J, W>(jobs: Receiver<J>, workers: Vec<W>) -> std::io::Result<Pool>
+    /// running its closure on jobs from `jobs` until the queue is closed and empty.
+    pub fn start<J, W>(jobs: handoff::Receiver<J>, workers: Vec<W>) -> std::io::Result<Pool>
     where
         J: Send + 'static,
         W: FnMut(J) + Send + 'static,
@@ -39,7 +40,7 @@ impl Pool {
             let handle = thread::Builder::new().name(name.clone()).spawn(move || {
                 let _exit_guard = exit_guard;
                 let _ = started_tx.send(());
-                for job in jobs.iter() {
+                while let Some(job) = jobs.recv() {
                     if catch_unwind(AssertUnwindSafe(|| work(job))).is_err() {
                         log::error!("{name}: a job panicked; the worker carries on");
                     }
@@ -78,7 +79,7 @@ mod tests {
 
     #[test]
     fn a_panicking_job_does_not_lose_the_worker() {
-        let (tx, rx) = crossbeam_channel::bounded::<u32>(4);
+        let (tx, rx) = handoff::queue::<u32>();
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
         let worker = move |n: u32| {
             assert!(n != 0, "job 0 panics on purpose");
@@ -97,7 +98,7 @@ mod tests {
 
     #[test]
     fn join_until_gives_up_at_the_deadline() {
-        let (tx, rx) = crossbeam_channel::bounded::<()>(1);
+        let (tx, rx) = handoff::queue::<()>();
         let (release_tx, release_rx) = crossbeam_channel::bounded::<()>(0);
         let worker = move |_: ()| {
             let _ = release_rx.recv();

@@ -2,9 +2,9 @@
 //!
 //! [`Server::start`] opens the database (the writer thread, the shared read connections, the
 //! readiness thread's connection), binds the address, starts the workers and then the
-//! [`acceptor`](crate::acceptor), which admits requests into the workers' bounded channel.
+//! [`acceptor`](crate::acceptor), which admits requests into the workers' job queue.
 //!
-//! Shutdown order: stop admitting (the acceptor drops the channel's sender and keeps
+//! Shutdown order: stop admitting (the acceptor drops the queue's sender and keeps
 //! answering, so `/healthz` and `/readyz` stay truthful), wait for the workers up to the grace
 //! period, then stop the acceptor, and with it the readiness thread.
 
@@ -13,6 +13,7 @@ use crate::admission::Admission;
 use crate::api::{self, ApiError, Job};
 use crate::auth::Auth;
 use crate::config::{Config, ConfigError};
+use crate::handoff;
 use crate::listen;
 use crate::llm::LlmClient;
 use crate::metrics::Metrics;
@@ -112,10 +113,9 @@ impl Server {
                 config.llm.base_url
             );
         }
-        // Sized for every request in flight, so `try_send` fails only if admission is wrong;
-        // admission (not the channel's fullness) enforces workers + queue_capacity.
+        // Admission (not the queue) enforces workers + queue_capacity in flight.
         let limit = workers + config.server.queue_capacity;
-        let (jobs_tx, jobs_rx) = crossbeam_channel::bounded(limit);
+        let (jobs_tx, jobs_rx) = handoff::queue();
         let pool = start_workers(&config, &storage, &llm, &metrics, &tenants, jobs_rx.clone())?;
         let (readiness, readiness_thread) =
             Readiness::start(storage.readiness, Arc::clone(&metrics))
@@ -183,7 +183,7 @@ fn start_workers(
     llm: &LlmClient,
     metrics: &Arc<Metrics>,
     tenants: &Tenants,
-    jobs: crossbeam_channel::Receiver<Job>,
+    jobs: handoff::Receiver<Job>,
 ) -> Result<Pool, StartError> {
     let handlers: Vec<_> = (0..config.server.max_concurrent_requests)
         .map(|_| {

@@ -7,7 +7,7 @@
 
 use super::{Cause, Store, StoreError};
 use crate::config::Synchronous;
-use crossbeam_channel::{Receiver, Sender};
+use crate::handoff::{self, Receiver, Sender};
 use std::mem::ManuallyDrop;
 use std::ops::Deref;
 use std::path::Path;
@@ -40,9 +40,9 @@ pub struct Reader {
 impl Readers {
     /// Opens `count` connections to a migrated database.
     pub fn open(path: &Path, sync: Synchronous, count: usize) -> Result<Readers, StoreError> {
-        let (returns, idle) = crossbeam_channel::bounded(count);
+        let (returns, idle) = handoff::queue();
         for _ in 0..count {
-            // Cannot fail: the channel has room for every connection and both ends are here.
+            // Cannot fail: both ends are here.
             let mut store = Store::open_read_only(path, sync)?;
             store.limit_page_cache(READ_CACHE_KIB)?;
             let _ = returns.send(store);
@@ -55,7 +55,7 @@ impl Readers {
         let store = self
             .idle
             .recv()
-            .map_err(|_| StoreError::Unavailable(Cause::message("no read connection is left")))?;
+            .ok_or_else(|| StoreError::Unavailable(Cause::message("no read connection is left")))?;
         Ok(Reader {
             store: ManuallyDrop::new(store),
             returns: self.returns.clone(),
@@ -75,8 +75,7 @@ impl Drop for Reader {
     fn drop(&mut self) {
         // SAFETY: `store` is taken exactly once, here, and never used again.
         let store = unsafe { ManuallyDrop::take(&mut self.store) };
-        // The channel has room for every connection, so this cannot block; if the pool itself
-        // is gone the connection just closes.
+        // If the pool itself is gone the connection just closes.
         let _ = self.returns.send(store);
     }
 }

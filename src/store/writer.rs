@@ -21,7 +21,8 @@
 use super::usage::Spend;
 use super::{Cause, Exchange, Store, StoreError};
 use crate::config::Synchronous;
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crate::handoff::{self, Reply};
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 use std::path::Path;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -31,13 +32,13 @@ const MAX_BATCH: usize = 256;
 
 /// A write waiting for the writer thread, with where to send its result.
 enum Pending {
-    Append(Exchange, Sender<Result<i64, StoreError>>),
+    Append(Exchange, Reply<Result<i64, StoreError>>),
     /// With no one to answer when the caller does not wait.
-    Usage(Spend, Option<Sender<Result<(), StoreError>>>),
+    Usage(Spend, Option<Reply<Result<(), StoreError>>>),
     Delete {
         tenant: String,
         chat_id: String,
-        done: Sender<Result<bool, StoreError>>,
+        done: Reply<Result<bool, StoreError>>,
     },
     /// Any other write (the Responses and Conversations APIs'), in a transaction of its own;
     /// it sends its own result.
@@ -48,7 +49,7 @@ enum Pending {
 /// handle is dropped and what was handed to it is committed.
 #[derive(Clone)]
 pub struct Writer {
-    pending: Sender<Pending>,
+    pending: handoff::Sender<Pending>,
 }
 
 impl Writer {
@@ -62,7 +63,7 @@ impl Writer {
     ) -> Result<(Writer, JoinHandle<()>), StoreError> {
         let mut store = Store::open(path, sync)?;
         store.disable_autocheckpoint()?;
-        let (pending, incoming) = crossbeam_channel::unbounded();
+        let (pending, incoming) = handoff::queue();
         let (stop_tx, stop) = crossbeam_channel::bounded::<()>(0);
         let spawn_error = |e: std::io::Error| {
             StoreError::Unavailable(Cause::message(format!("cannot start a thread: {e}")))
@@ -95,7 +96,7 @@ impl Writer {
 
     /// Stores the exchange and returns the reply's id once it is committed.
     pub fn append(&self, exchange: Exchange) -> Result<i64, StoreError> {
-        let (done, result) = crossbeam_channel::bounded(1);
+        let (done, result) = handoff::reply();
         self.send(Pending::Append(exchange, done), result)
     }
 
@@ -110,13 +111,13 @@ impl Writer {
 
     /// Stores one LLM call's usage and returns once it is committed.
     pub fn store_usage(&self, spend: Spend) -> Result<(), StoreError> {
-        let (done, result) = crossbeam_channel::bounded(1);
+        let (done, result) = handoff::reply();
         self.send(Pending::Usage(spend, Some(done)), result)
     }
 
     /// Deletes a tenant's chat and all its messages; `false` when it did not exist.
     pub fn delete(&self, tenant: &str, chat_id: &str) -> Result<bool, StoreError> {
-        let (done, result) = crossbeam_channel::bounded(1);
+        let (done, result) = handoff::reply();
         let pending = Pending::Delete {
             tenant: tenant.to_string(),
             chat_id: chat_id.to_string(),
@@ -141,18 +142,19 @@ impl Writer {
     fn send<T>(
         &self,
         pending: Pending,
-        result: Receiver<Result<T, StoreError>>,
+        result: handoff::Awaited<Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
         let gone = || StoreError::Unavailable(Cause::message("the writer thread has stopped"));
         self.pending.send(pending).map_err(|_| gone())?;
-        result.recv().map_err(|_| gone())?
+        result.recv().ok_or_else(gone)?
     }
 }
 
-fn run(mut store: Store, incoming: Receiver<Pending>) {
+fn run(mut store: Store, incoming: handoff::Receiver<Pending>) {
     let mut batch = Batch::default();
-    while let Ok(first) = incoming.recv() {
-        for pending in std::iter::once(first).chain(incoming.try_iter().take(MAX_BATCH - 1)) {
+    let mut received = Vec::with_capacity(MAX_BATCH);
+    while incoming.recv_many(&mut received, MAX_BATCH) {
+        for pending in received.drain(..) {
             match pending {
                 Pending::Append(exchange, done) => {
                     batch.exchanges.push(exchange);
@@ -169,7 +171,7 @@ fn run(mut store: Store, incoming: Receiver<Pending>) {
                 } => {
                     // The exchanges handed over before it are committed before it.
                     batch.commit(&mut store);
-                    let _ = done.send(store.delete_chat(&tenant, &chat_id));
+                    done.send(store.delete_chat(&tenant, &chat_id));
                 }
                 Pending::Task(task) => {
                     batch.commit(&mut store);
@@ -185,15 +187,14 @@ fn run(mut store: Store, incoming: Receiver<Pending>) {
 #[derive(Default)]
 struct Batch {
     exchanges: Vec<Exchange>,
-    waiting: Vec<Sender<Result<i64, StoreError>>>,
+    waiting: Vec<Reply<Result<i64, StoreError>>>,
     spends: Vec<Spend>,
-    spent: Vec<Sender<Result<(), StoreError>>>,
+    spent: Vec<Reply<Result<(), StoreError>>>,
 }
 
 impl Batch {
     /// Commits the usage gathered so far, then the exchanges, each in one transaction, and
-    /// answers each waiting worker. A worker that is gone (its thread panicked) no longer
-    /// needs the answer.
+    /// answers each waiting worker.
     fn commit(&mut self, store: &mut Store) {
         if !self.spends.is_empty() {
             let stored = store.add_usage(&self.spends);
@@ -205,7 +206,7 @@ impl Batch {
             }
             self.spends.clear();
             for done in self.spent.drain(..) {
-                let _ = done.send(stored.clone());
+                done.send(stored.clone());
             }
         }
         if self.exchanges.is_empty() {
@@ -214,7 +215,7 @@ impl Batch {
         let results = store.append_batch(&self.exchanges);
         self.exchanges.clear();
         for (done, result) in self.waiting.drain(..).zip(results) {
-            let _ = done.send(result);
+            done.send(result);
         }
     }
 }

@@ -17,7 +17,7 @@ use crate::common::HTTPVersion;
 use crate::limits::{ConnectionLimits, Refusal};
 use crate::parse::{self, Body, Framing, ReadError};
 use crate::request::{Piece, Reply};
-use crate::util::RefinedTcpStream;
+use crate::util::{AnswerReceiver, RefinedTcpStream, Unanswered};
 use crate::Request;
 
 /// How often a connection waiting for an answer looks whether its client has hung up.
@@ -98,7 +98,7 @@ impl ClientConnection {
 
     /// Reads a request whole: (the request, where its answer arrives, whether the client
     /// keeps the connection alive after it).
-    fn read_request(&mut self) -> Result<(Request, Receiver<Reply>, bool), ReadError> {
+    fn read_request(&mut self) -> Result<(Request, AnswerReceiver<Reply>, bool), ReadError> {
         let head = parse::read_head(&mut self.reader, self.limits.max_head_bytes)?;
         let expects_continue = head.expects_continue()?;
         let framing = parse::framing(&head)?;
@@ -121,12 +121,12 @@ impl ClientConnection {
 
     /// Waits for the answer, looking every [`WATCH_EVERY`] whether the client has hung up;
     /// `None` if it has.
-    fn wait(&mut self, answer: &Receiver<Reply>, hangup: &AtomicBool) -> Option<Reply> {
+    fn wait(&mut self, answer: &AnswerReceiver<Reply>, hangup: &AtomicBool) -> Option<Reply> {
         loop {
             match answer.recv_timeout(WATCH_EVERY) {
                 Ok(reply) => return Some(reply),
-                Err(RecvTimeoutError::Disconnected) => return None,
-                Err(RecvTimeoutError::Timeout) => {
+                Err(Unanswered::Disconnected) => return None,
+                Err(Unanswered::Timeout) => {
                     if self.reader.get_ref().hung_up() {
                         hangup.store(true, Ordering::SeqCst);
                         return None;

@@ -3,6 +3,8 @@ use std::io::{self, Cursor, ErrorKind, Read};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
+
+use crate::util::{answer, AnswerReceiver, AnswerSender};
 use std::sync::Arc;
 
 use crate::parse::{Body, Head};
@@ -31,7 +33,7 @@ pub struct Request {
     body_length: Option<usize>,
     body_exceeds_limit: bool,
     /// Where the answer goes; `None` once answered.
-    reply: Option<SyncSender<Reply>>,
+    reply: Option<AnswerSender<Reply>>,
     hangup: Arc<AtomicBool>,
 }
 
@@ -66,8 +68,8 @@ impl Request {
         head: Head,
         remote_addr: Option<SocketAddr>,
         body: Body,
-    ) -> (Request, Receiver<Reply>) {
-        let (reply, answer) = mpsc::sync_channel(1);
+    ) -> (Request, AnswerReceiver<Reply>) {
+        let (reply, answer) = answer();
         let (body, body_exceeds_limit) = match body {
             Body::Whole(body) => (body, false),
             Body::TooLong => (Vec::new(), true),
@@ -271,15 +273,15 @@ impl Drop for Request {
 mod tests {
     use super::*;
 
-    fn request(method: &str, version: &str) -> (Request, Receiver<Reply>) {
+    fn request(method: &str, version: &str) -> (Request, AnswerReceiver<Reply>) {
         let bytes = format!("{method} /x {version}\r\nContent-Length: 2\r\n\r\nhi");
         let mut reader = bytes.as_bytes();
         let head = crate::parse::read_head(&mut reader, 1024).unwrap();
         Request::new(head, None, Body::Whole(b"hi".to_vec()))
     }
 
-    fn whole(answer: &Receiver<Reply>) -> String {
-        match answer.try_recv() {
+    fn whole(answer: &AnswerReceiver<Reply>) -> String {
+        match answer.recv_timeout(std::time::Duration::ZERO) {
             Ok(Reply::Whole(bytes)) => String::from_utf8(bytes).unwrap(),
             _ => panic!("no whole reply"),
         }
@@ -318,7 +320,7 @@ mod tests {
             head,
             chunked,
             pieces,
-        }) = answer.try_recv()
+        }) = answer.recv_timeout(std::time::Duration::ZERO)
         else {
             panic!("no stream");
         };
@@ -338,7 +340,7 @@ mod tests {
         let (rq, answer) = request("GET", "HTTP/1.0");
         let _stream = rq.stream(StatusCode(200), Vec::new());
         assert!(matches!(
-            answer.try_recv(),
+            answer.recv_timeout(std::time::Duration::ZERO),
             Ok(Reply::Stream { chunked: false, .. })
         ));
     }

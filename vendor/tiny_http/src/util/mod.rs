@@ -1,3 +1,4 @@
+pub(crate) use self::answer::{answer, AnswerReceiver, AnswerSender, Unanswered};
 pub use self::messages_queue::MessagesQueue;
 pub use self::refined_tcp_stream::RefinedTcpStream;
 pub use self::slots::{RateLimitedLog, Slot};
@@ -5,6 +6,7 @@ pub use self::task_pool::TaskPool;
 
 use std::str::FromStr;
 
+mod answer;
 mod messages_queue;
 pub(crate) mod refined_tcp_stream;
 mod slots;
