@@ -10,6 +10,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 /// Sends into a [`queue`]; clones share it. The queue closes when the last sender is dropped.
 pub struct Sender<T> {
@@ -32,6 +33,17 @@ struct State<T> {
     receivers: usize,
     /// Receivers asleep on `ready`: only they need a wake-up.
     asleep: usize,
+}
+
+/// What [`Receiver::recv_many_timeout`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Received {
+    /// Some items, now in the caller's vector.
+    Items,
+    /// None within the timeout.
+    Timeout,
+    /// None, and none will come: the queue is empty and every sender gone.
+    Closed,
 }
 
 /// An unbounded queue with any number of senders and receivers.
@@ -84,15 +96,28 @@ impl<T> Receiver<T> {
         state.items.pop_front()
     }
 
-    /// Moves up to `max` items into `into`, waiting for at least one; `false` once the queue
-    /// is empty and every sender gone.
-    pub fn recv_many(&self, into: &mut Vec<T>, max: usize) -> bool {
-        let Some(mut state) = self.wait_for_items() else {
-            return false;
-        };
+    /// Moves up to `max` items into `into`, waiting at most `timeout` for the first.
+    pub fn recv_many_timeout(&self, into: &mut Vec<T>, max: usize, timeout: Duration) -> Received {
+        let mut state = self.shared.lock();
+        if state.items.is_empty() && state.senders > 0 {
+            state.asleep += 1;
+            state = self
+                .shared
+                .ready
+                .wait_timeout_while(state, timeout, |s| s.items.is_empty() && s.senders > 0)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+            state.asleep -= 1;
+        }
+        if state.items.is_empty() {
+            return match state.senders {
+                0 => Received::Closed,
+                _ => Received::Timeout,
+            };
+        }
         let n = state.items.len().min(max);
         into.extend(state.items.drain(..n));
-        true
+        Received::Items
     }
 
     /// Items waiting.
@@ -286,15 +311,20 @@ mod tests {
     #[test]
     fn recv_many_takes_what_waits_up_to_the_most_asked() {
         let (tx, rx) = queue();
-        (0..5).for_each(|i| tx.send(i).unwrap());
         let mut batch = Vec::new();
-        assert!(rx.recv_many(&mut batch, 3));
+        let short = Duration::from_millis(1);
+        assert_eq!(
+            rx.recv_many_timeout(&mut batch, 3, short),
+            Received::Timeout
+        );
+        (0..5).for_each(|i| tx.send(i).unwrap());
+        assert_eq!(rx.recv_many_timeout(&mut batch, 3, short), Received::Items);
         assert_eq!(batch, [0, 1, 2]);
         assert_eq!(rx.len(), 2);
         drop(tx);
-        assert!(rx.recv_many(&mut batch, 3));
+        assert_eq!(rx.recv_many_timeout(&mut batch, 3, short), Received::Items);
         assert_eq!(batch, [0, 1, 2, 3, 4]);
-        assert!(!rx.recv_many(&mut batch, 3));
+        assert_eq!(rx.recv_many_timeout(&mut batch, 3, short), Received::Closed);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::llm::LlmClient;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::readiness::Readiness;
-use crate::store::{Readers, Store, StoreError, Writer, MAX_READERS, READ_CACHE_KIB};
+use crate::store::{Readers, Recent, Store, StoreError, Writer, MAX_READERS, READ_CACHE_KIB};
 use crate::tenants::day::Day;
 use crate::tenants::Tenants;
 use std::fmt;
@@ -218,7 +218,10 @@ fn open_storage(config: &Config) -> Result<Storage, StartError> {
         0 => None,
         ms => Some(Duration::from_millis(ms)),
     };
-    let (writer, writer_thread) = Writer::start(path, sync, checkpoints).map_err(store_error)?;
+    let history = &config.history;
+    let recent = Arc::new(Recent::new(history.max_messages, history.max_chars));
+    let (writer, writer_thread) =
+        Writer::start(path, sync, checkpoints, Arc::clone(&recent)).map_err(store_error)?;
     let count = config.server.max_concurrent_requests.min(MAX_READERS);
     let mut readiness = Store::open_read_only(path, sync).map_err(store_error)?;
     readiness
@@ -227,7 +230,7 @@ fn open_storage(config: &Config) -> Result<Storage, StartError> {
     Ok(Storage {
         writer,
         writer_thread,
-        readers: Readers::open(path, sync, count).map_err(store_error)?,
+        readers: Readers::open(path, sync, count, recent).map_err(store_error)?,
         readiness,
     })
 }

@@ -261,3 +261,67 @@ fn a_response_head_up_to_16_kib_is_read_and_a_longer_one_is_a_502() {
     assert_eq!(stored_messages(&work.db(), "fits").len(), 2);
     assert!(stored_messages(&work.db(), "too-big").is_empty());
 }
+
+/// The contents of the earlier messages in the last prompt the upstream saw.
+fn last_history(upstream: &FakeUpstream) -> Vec<String> {
+    let seen = upstream.seen();
+    let messages = seen.last().unwrap().messages();
+    let earlier = &messages[..messages.len() - 1];
+    earlier.iter().map(|(_, content)| content.clone()).collect()
+}
+
+#[test]
+fn a_deleted_chat_starts_its_next_prompt_afresh() {
+    let upstream = FakeUpstream::start(Box::new(|n, _| (200, completion(&format!("r{n}")))));
+    let work = Workdir::new();
+    let config = format!(
+        "[history]\nsystem_prompt = \"\"\n\n{}",
+        openai_llm(upstream.addr, "")
+    );
+    let server = work.serve(&config);
+    for text in ["old-1", "old-2"] {
+        assert_eq!(send(server.addr, "c", text).status, 200);
+    }
+    assert_eq!(last_history(&upstream), ["old-1", "r0"]);
+    let deleted = request(server.addr, "DELETE", "/v1/chats/c", None, &[]);
+    assert_eq!(deleted.status, 204);
+    assert_eq!(send(server.addr, "c", "new").status, 200);
+    assert!(last_history(&upstream).is_empty());
+    assert_eq!(send(server.addr, "c", "newer").status, 200);
+    assert_eq!(last_history(&upstream), ["new", "r2"]);
+}
+
+#[test]
+fn a_write_by_another_process_reaches_the_prompts_that_follow() {
+    let upstream = FakeUpstream::start(Box::new(|n, _| (200, completion(&format!("r{n}")))));
+    let work = Workdir::new();
+    let config = format!(
+        "[history]\nsystem_prompt = \"\"\n\n{}",
+        openai_llm(upstream.addr, "")
+    );
+    let server = work.spawn(&config);
+    for text in ["before-1", "before-2"] {
+        assert_eq!(send(server.addr, "c", text).status, 200);
+    }
+    assert_eq!(last_history(&upstream), ["before-1", "r0"]);
+    // What `chatpool forget` does, from this process: the chat's rows go.
+    let conn = rusqlite::Connection::open(work.db()).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn.execute_batch(
+        "DELETE FROM messages WHERE chat_id = 'c'; DELETE FROM chats WHERE chat_id = 'c';",
+    )
+    .unwrap();
+    drop(conn);
+    // The server sees the write within moments; until then a turn may still see the old window.
+    let forgotten = eventually(Duration::from_secs(10), || {
+        assert_eq!(send(server.addr, "c", "after").status, 200);
+        !last_history(&upstream)
+            .iter()
+            .any(|m| m.starts_with("before"))
+    });
+    assert!(
+        forgotten,
+        "prompts kept the history another process deleted: {:?}",
+        last_history(&upstream)
+    );
+}

@@ -265,25 +265,23 @@ impl Handler {
     }
 
     /// The chat before this turn: the reply stored under its idempotency key, or else its
-    /// history window. The read connection goes back before the LLM call: it is never held
-    /// across the network.
+    /// history window (from memory when it is kept there). A read connection goes back before
+    /// the LLM call: it is never held across the network.
     fn prior(&self, tenant: &str, chat: &ChatTurn) -> Result<Prior, ApiError> {
-        let store = self.readers.get()?;
-        let stored = match &chat.key {
-            Some(key) => store.find_reply(tenant, &chat.chat_id, key)?,
-            None => None,
-        };
-        if let Some(stored) = stored {
-            // A key stands for one message: reused for another, the stored reply would answer
-            // a question that was not asked.
-            let asked = store.message_before(tenant, &chat.chat_id, stored.message_id)?;
-            if asked.is_some_and(|asked| asked != chat.user) {
-                return Err(ApiError::IdempotencyKeyReused);
+        if let Some(key) = &chat.key {
+            let store = self.readers.get()?;
+            if let Some(stored) = store.find_reply(tenant, &chat.chat_id, key)? {
+                // A key stands for one message: reused for another, the stored reply would
+                // answer a question that was not asked.
+                let asked = store.message_before(tenant, &chat.chat_id, stored.message_id)?;
+                if asked.is_some_and(|asked| asked != chat.user) {
+                    return Err(ApiError::IdempotencyKeyReused);
+                }
+                return Ok(Prior::Replay(stored));
             }
-            return Ok(Prior::Replay(stored));
         }
         let history = &self.config.history;
-        let newest = store.history_window(
+        let newest = self.readers.history_window(
             tenant,
             &chat.chat_id,
             history.max_messages,
@@ -438,15 +436,17 @@ fn no_such_chat(chat_id: &str) -> ApiError {
 mod tests {
     use super::*;
     use crate::config::Synchronous;
-    use crate::store::{Store, DEFAULT_TENANT};
+    use crate::store::{Recent, Store, DEFAULT_TENANT};
 
     /// A handler on a fresh database with the built-in mock LLM; the writer's thread is
     /// detached and ends with the test's process.
     fn handler(dir: &tempfile::TempDir) -> Handler {
         let path = dir.path().join("h.db");
         Store::open_and_migrate(&path, Synchronous::Normal).unwrap();
-        let (writer, _thread) = Writer::start(&path, Synchronous::Normal, None).unwrap();
-        let readers = Readers::open(&path, Synchronous::Normal, 1).unwrap();
+        let recent = Arc::new(Recent::new(40, 32_000));
+        let (writer, _thread) =
+            Writer::start(&path, Synchronous::Normal, None, Arc::clone(&recent)).unwrap();
+        let readers = Readers::open(&path, Synchronous::Normal, 1, recent).unwrap();
         let config = Arc::new(Config::default());
         let metrics = Arc::new(Metrics::new(1, 1));
         let llm = LlmClient::new(&config.llm, Arc::clone(&metrics));

@@ -152,6 +152,7 @@ const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%SZ', 'now')";
 
 mod memory;
 mod readers;
+mod recent;
 mod responses;
 pub mod transfer;
 pub mod usage;
@@ -159,6 +160,7 @@ mod writer;
 
 pub use memory::{sqlite_memory, SqliteMemory};
 pub use readers::{Reader, Readers, MAX_READERS, READ_CACHE_KIB};
+pub use recent::{Recent, WATCH_EVERY};
 pub use responses::{Conversation, Item, ItemPage, NewItem, NewResponse, Order, StoredResponse};
 pub use writer::Writer;
 
@@ -544,7 +546,12 @@ impl Store {
 
     /// Stores one exchange (the user's message and the reply together); returns the reply's id.
     pub fn append_exchange(&mut self, exchange: &Exchange) -> Result<i64, StoreError> {
-        let ids = self.commit_all(std::slice::from_ref(exchange))?;
+        let now = self.now()?;
+        self.append_exchange_at(exchange, &now)
+    }
+
+    fn append_exchange_at(&mut self, exchange: &Exchange, now: &str) -> Result<i64, StoreError> {
+        let ids = self.commit_all(std::slice::from_ref(exchange), now)?;
         ids.first()
             .copied()
             .ok_or_else(|| StoreError::Sqlite(Cause::message("nothing was written")))
@@ -554,22 +561,50 @@ impl Store {
     /// Should one exchange be refused (a constraint, not the database as a whole), the batch is
     /// rolled back and each exchange stored on its own, so one bad exchange costs only itself.
     pub fn append_batch(&mut self, batch: &[Exchange]) -> Vec<Result<i64, StoreError>> {
-        match self.commit_all(batch) {
-            Ok(ids) => ids.into_iter().map(Ok).collect(),
-            Err(StoreError::Constraint(_) | StoreError::Sqlite(_)) if batch.len() > 1 => {
-                batch.iter().map(|e| self.append_exchange(e)).collect()
-            }
+        match self.now() {
+            Ok(now) => self.append_batch_at(batch, &now),
             Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
         }
     }
 
-    fn commit_all(&mut self, batch: &[Exchange]) -> Result<Vec<i64>, StoreError> {
+    /// [`Store::append_batch`], with `now` (from [`Store::now`]) as every message's time.
+    pub fn append_batch_at(
+        &mut self,
+        batch: &[Exchange],
+        now: &str,
+    ) -> Vec<Result<i64, StoreError>> {
+        match self.commit_all(batch, now) {
+            Ok(ids) => ids.into_iter().map(Ok).collect(),
+            Err(StoreError::Constraint(_) | StoreError::Sqlite(_)) if batch.len() > 1 => batch
+                .iter()
+                .map(|e| self.append_exchange_at(e, now))
+                .collect(),
+            Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
+        }
+    }
+
+    /// The time now, as messages are stamped with it.
+    pub fn now(&self) -> Result<String, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached(&format!("SELECT {NOW}"))?
+            .query_row([], |r| r.get(0))?)
+    }
+
+    /// SQLite's `PRAGMA data_version`: changes whenever another connection has committed.
+    pub fn data_version(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))?)
+    }
+
+    fn commit_all(&mut self, batch: &[Exchange], now: &str) -> Result<Vec<i64>, StoreError> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let ids = batch
             .iter()
-            .map(|exchange| insert_exchange(&tx, exchange))
+            .map(|exchange| insert_exchange(&tx, exchange, now))
             .collect::<Result<Vec<_>, _>>()?;
         tx.commit()?;
         Ok(ids)
@@ -685,12 +720,12 @@ impl Store {
     }
 }
 
-fn insert_exchange(conn: &Connection, exchange: &Exchange) -> Result<i64, StoreError> {
-    let mut insert = conn.prepare_cached(&format!(
+fn insert_exchange(conn: &Connection, exchange: &Exchange, now: &str) -> Result<i64, StoreError> {
+    let mut insert = conn.prepare_cached(
         "INSERT INTO messages (tenant, chat_id, id, role, content, created_at, model,
                                prompt_tokens, completion_tokens, idempotency_key)
-         VALUES (?1, ?2, ?3, ?4, ?5, {NOW}, ?6, ?7, ?8, ?9)"
-    ))?;
+         VALUES (?1, ?2, ?3, ?4, ?5, ?10, ?6, ?7, ?8, ?9)",
+    )?;
     // SQLite's integers are signed; a count past i64::MAX (only a broken upstream sends one)
     // is stored as the largest it can hold.
     let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
@@ -712,7 +747,8 @@ fn insert_exchange(conn: &Connection, exchange: &Exchange) -> Result<i64, StoreE
         none,
         no_count,
         no_count,
-        none
+        none,
+        now
     ])?;
     insert.execute(params![
         tenant,
@@ -723,15 +759,16 @@ fn insert_exchange(conn: &Connection, exchange: &Exchange) -> Result<i64, StoreE
         exchange.model,
         prompt,
         completion,
-        exchange.idempotency_key
+        exchange.idempotency_key,
+        now
     ])?;
-    conn.prepare_cached(&format!(
+    conn.prepare_cached(
         "INSERT INTO chats (tenant, chat_id, created_at, updated_at, message_count, last_message_id)
-         VALUES (?1, ?2, {NOW}, {NOW}, 2, ?3)
+         VALUES (?1, ?2, ?4, ?4, 2, ?3)
          ON CONFLICT (tenant, chat_id) DO UPDATE SET updated_at = excluded.updated_at,
-             message_count = message_count + 2, last_message_id = excluded.last_message_id"
-    ))?
-    .execute(params![tenant, chat_id, reply_id])?;
+             message_count = message_count + 2, last_message_id = excluded.last_message_id",
+    )?
+    .execute(params![tenant, chat_id, reply_id, now])?;
     Ok(reply_id)
 }
 

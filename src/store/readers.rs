@@ -3,14 +3,16 @@
 //! A SQLite connection costs about 90 KB once it has read the schema, so a connection per
 //! worker would cost 90 MB at 1,024 workers before serving anything. Reads are short and never
 //! wait on the network, so a worker borrows a connection for one read and gives it back; with
-//! as many connections as a read ever runs in parallel, borrowing almost never waits.
+//! as many connections as a read ever runs in parallel, borrowing almost never waits. A history
+//! window kept in memory ([`Recent`]) needs no connection at all.
 
-use super::{Cause, Store, StoreError};
+use super::{Cause, Message, Recent, Store, StoreError};
 use crate::config::Synchronous;
 use crate::handoff::{self, Receiver, Sender};
 use std::mem::ManuallyDrop;
 use std::ops::Deref;
 use std::path::Path;
+use std::sync::Arc;
 
 /// Most read connections, whatever the pool size: more than the cores can use at once.
 pub const MAX_READERS: usize = 16;
@@ -28,6 +30,7 @@ pub const READ_CACHE_KIB: u32 = 256;
 pub struct Readers {
     idle: Receiver<Store>,
     returns: Sender<Store>,
+    recent: Arc<Recent>,
 }
 
 /// A borrowed connection, returned when dropped. It lends only `&Store`, whose methods that
@@ -38,8 +41,13 @@ pub struct Reader {
 }
 
 impl Readers {
-    /// Opens `count` connections to a migrated database.
-    pub fn open(path: &Path, sync: Synchronous, count: usize) -> Result<Readers, StoreError> {
+    /// Opens `count` connections to a migrated database; history windows are kept in `recent`.
+    pub fn open(
+        path: &Path,
+        sync: Synchronous,
+        count: usize,
+        recent: Arc<Recent>,
+    ) -> Result<Readers, StoreError> {
         let (returns, idle) = handoff::queue();
         for _ in 0..count {
             // Cannot fail: both ends are here.
@@ -47,7 +55,38 @@ impl Readers {
             store.limit_page_cache(READ_CACHE_KIB)?;
             let _ = returns.send(store);
         }
-        Ok(Readers { idle, returns })
+        Ok(Readers {
+            idle,
+            returns,
+            recent,
+        })
+    }
+
+    /// A chat's history window, as [`Store::history_window`] reads it: from memory when it is
+    /// kept there, else from SQLite, and then kept.
+    pub fn history_window(
+        &self,
+        tenant: &str,
+        chat_id: &str,
+        max_messages: usize,
+        max_chars: usize,
+    ) -> Result<Vec<Message>, StoreError> {
+        let kept = self
+            .recent
+            .serves(max_messages, max_chars)
+            .then(|| self.recent.window(tenant, chat_id));
+        let epoch = match kept {
+            Some(Ok(window)) => return Ok(window),
+            Some(Err(epoch)) => Some(epoch),
+            None => None,
+        };
+        let window = self
+            .get()?
+            .history_window(tenant, chat_id, max_messages, max_chars)?;
+        if let Some(epoch) = epoch {
+            self.recent.fill(tenant, chat_id, &window, epoch);
+        }
+        Ok(window)
     }
 
     /// Borrows a connection, waiting while all are in use.
@@ -84,12 +123,16 @@ impl Drop for Reader {
 mod tests {
     use super::*;
 
+    fn recent() -> Arc<Recent> {
+        Arc::new(Recent::new(40, 1000))
+    }
+
     #[test]
     fn a_borrowed_connection_comes_back() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.db");
         Store::open_and_migrate(&path, Synchronous::Normal).unwrap();
-        let readers = Readers::open(&path, Synchronous::Normal, 1).unwrap();
+        let readers = Readers::open(&path, Synchronous::Normal, 1, recent()).unwrap();
         {
             let reader = readers.get().unwrap();
             assert!(reader.check_readable().is_ok());
@@ -104,7 +147,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.db");
         Store::open_and_migrate(&path, Synchronous::Normal).unwrap();
-        let readers = Readers::open(&path, Synchronous::Normal, 1).unwrap();
+        let readers = Readers::open(&path, Synchronous::Normal, 1, recent()).unwrap();
         let reader = readers.get().unwrap();
         let write = reader.conn.execute("DELETE FROM chats", []);
         assert!(write.is_err(), "{write:?}");

@@ -19,11 +19,12 @@
 //! that batch would wait for the disk too.
 
 use super::usage::Spend;
-use super::{Cause, Exchange, Store, StoreError};
+use super::{Cause, Exchange, Message, Recent, Store, StoreError, WATCH_EVERY};
 use crate::config::Synchronous;
-use crate::handoff::{self, Reply};
+use crate::handoff::{self, Received, Reply};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use std::path::Path;
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
@@ -60,6 +61,7 @@ impl Writer {
         path: &Path,
         sync: Synchronous,
         checkpoint_every: Option<Duration>,
+        recent: Arc<Recent>,
     ) -> Result<(Writer, JoinHandle<()>), StoreError> {
         let mut store = Store::open(path, sync)?;
         store.disable_autocheckpoint()?;
@@ -84,7 +86,7 @@ impl Writer {
         let thread = thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || {
-                run(store, incoming);
+                run(store, incoming, recent);
                 drop(stop_tx);
                 if let Some(checkpoints) = checkpoints {
                     let _ = checkpoints.join();
@@ -132,10 +134,8 @@ impl Writer {
         &self,
         task: impl FnOnce(&mut Store) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let (done, result) = crossbeam_channel::bounded(1);
-        let task = Box::new(move |store: &mut Store| {
-            let _ = done.send(task(store));
-        });
+        let (done, result) = handoff::reply();
+        let task = Box::new(move |store: &mut Store| done.send(task(store)));
         self.send(Pending::Task(task), result)
     }
 
@@ -150,19 +150,54 @@ impl Writer {
     }
 }
 
-fn run(mut store: Store, incoming: handoff::Receiver<Pending>) {
-    let mut batch = Batch::default();
+/// The writer thread's state.
+struct Committer {
+    store: Store,
+    recent: Arc<Recent>,
+    /// `PRAGMA data_version` when last looked at; it changes only when another connection
+    /// commits, and no other connection of this process does.
+    data_version: Option<i64>,
+    batch: Batch,
+}
+
+fn run(store: Store, incoming: handoff::Receiver<Pending>, recent: Arc<Recent>) {
+    let mut committer = Committer {
+        store,
+        recent,
+        data_version: None,
+        batch: Batch::default(),
+    };
     let mut received = Vec::with_capacity(MAX_BATCH);
-    while incoming.recv_many(&mut received, MAX_BATCH) {
+    loop {
+        match incoming.recv_many_timeout(&mut received, MAX_BATCH, WATCH_EVERY) {
+            Received::Closed => return,
+            Received::Timeout => committer.watch(),
+            Received::Items => committer.take(&mut received),
+        }
+    }
+}
+
+impl Committer {
+    /// Drops the windows kept in memory once another process has written to the database.
+    fn watch(&mut self) {
+        let version = self.store.data_version().ok();
+        if version.is_none() || version != self.data_version {
+            self.recent.clear();
+        }
+        self.data_version = version;
+    }
+
+    fn take(&mut self, received: &mut Vec<Pending>) {
+        self.watch();
         for pending in received.drain(..) {
             match pending {
                 Pending::Append(exchange, done) => {
-                    batch.exchanges.push(exchange);
-                    batch.waiting.push(done);
+                    self.batch.exchanges.push(exchange);
+                    self.batch.waiting.push(done);
                 }
                 Pending::Usage(spend, done) => {
-                    batch.spends.push(spend);
-                    batch.spent.extend(done);
+                    self.batch.spends.push(spend);
+                    self.batch.spent.extend(done);
                 }
                 Pending::Delete {
                     tenant,
@@ -170,16 +205,19 @@ fn run(mut store: Store, incoming: handoff::Receiver<Pending>) {
                     done,
                 } => {
                     // The exchanges handed over before it are committed before it.
-                    batch.commit(&mut store);
-                    done.send(store.delete_chat(&tenant, &chat_id));
+                    self.batch.commit(&mut self.store, &self.recent);
+                    self.recent.forget(&tenant, &chat_id);
+                    done.send(self.store.delete_chat(&tenant, &chat_id));
                 }
                 Pending::Task(task) => {
-                    batch.commit(&mut store);
-                    task(&mut store);
+                    self.batch.commit(&mut self.store, &self.recent);
+                    task(&mut self.store);
+                    // It may have written any chat's messages (a conversation is a chat).
+                    self.recent.clear();
                 }
             }
         }
-        batch.commit(&mut store);
+        self.batch.commit(&mut self.store, &self.recent);
     }
 }
 
@@ -193,9 +231,9 @@ struct Batch {
 }
 
 impl Batch {
-    /// Commits the usage gathered so far, then the exchanges, each in one transaction, and
-    /// answers each waiting worker.
-    fn commit(&mut self, store: &mut Store) {
+    /// Commits the usage gathered so far, then the exchanges, each in one transaction, extends
+    /// the windows kept in memory with the exchanges, and answers each waiting worker.
+    fn commit(&mut self, store: &mut Store, recent: &Recent) {
         if !self.spends.is_empty() {
             let stored = store.add_usage(&self.spends);
             if let Err(e) = &stored {
@@ -212,12 +250,39 @@ impl Batch {
         if self.exchanges.is_empty() {
             return;
         }
-        let results = store.append_batch(&self.exchanges);
-        self.exchanges.clear();
-        for (done, result) in self.waiting.drain(..).zip(results) {
+        let now = store.now();
+        let results = match &now {
+            Ok(now) => store.append_batch_at(&self.exchanges, now),
+            Err(e) => self.exchanges.iter().map(|_| Err(e.clone())).collect(),
+        };
+        let answered = self.waiting.drain(..).zip(self.exchanges.drain(..));
+        for ((done, exchange), result) in answered.zip(results) {
+            if let (Ok(id), Ok(now)) = (&result, &now) {
+                remember(recent, exchange, *id, now);
+            }
             done.send(result);
         }
     }
+}
+
+/// Extends the chat's window kept in memory, if it is kept, with an exchange just committed.
+fn remember(recent: &Recent, exchange: Exchange, reply_id: i64, now: &str) {
+    let stored = |id, role: &str, content| Message {
+        id,
+        role: role.into(),
+        content,
+        created_at: now.to_string(),
+    };
+    let Exchange {
+        tenant,
+        chat_id,
+        user,
+        reply,
+        ..
+    } = exchange;
+    let user = stored(reply_id - 1, "user", user);
+    let reply = stored(reply_id, "assistant", reply);
+    recent.committed(&tenant, &chat_id, user, reply);
 }
 
 fn checkpoint_until_stopped(mut store: Store, every: Duration, stop: Receiver<()>) {
@@ -240,13 +305,17 @@ mod tests {
     use super::*;
     use crate::store::DEFAULT_TENANT;
 
+    fn recent() -> Arc<Recent> {
+        Arc::new(Recent::new(40, 32_000))
+    }
+
     #[test]
     fn concurrent_appends_are_all_committed_with_distinct_ids() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("w.db");
         let reader = Store::open_and_migrate(&path, Synchronous::Normal).unwrap();
         let every = Some(Duration::from_millis(50));
-        let (writer, thread) = Writer::start(&path, Synchronous::Normal, every).unwrap();
+        let (writer, thread) = Writer::start(&path, Synchronous::Normal, every, recent()).unwrap();
         let workers: Vec<_> = (0..8)
             .map(|w| {
                 let writer = writer.clone();
@@ -290,7 +359,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("w.db");
         let reader = Store::open_and_migrate(&path, Synchronous::Normal).unwrap();
-        let (writer, thread) = Writer::start(&path, Synchronous::Normal, None).unwrap();
+        let (writer, thread) = Writer::start(&path, Synchronous::Normal, None, recent()).unwrap();
         let exchange = |user: &str| Exchange {
             tenant: DEFAULT_TENANT.into(),
             chat_id: "c".into(),
