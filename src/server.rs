@@ -89,6 +89,10 @@ struct Storage {
     readiness: Store,
 }
 
+/// How long a drained server waits for the answers handed back to be written: to a client
+/// that reads, moments; to one that does not, never.
+const ANSWERS_WRITTEN_WITHIN: Duration = Duration::from_secs(2);
+
 impl Server {
     /// Opens the database, binds the address, starts the workers and the acceptor.
     pub fn start(config: Config) -> Result<Server, StartError> {
@@ -159,6 +163,12 @@ impl Server {
         if drained {
             // The workers held the writer's last handles; it returns once their writes are in.
             joined("store-writer", self.writer);
+            // Every answer is handed back to its connection's thread; the process must not
+            // end before those threads have written them.
+            let deadline = Instant::now() + ANSWERS_WRITTEN_WITHIN;
+            while self.http.answers_unwritten() > 0 && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(5));
+            }
         }
         self.control.stopping.store(true, Ordering::SeqCst);
         self.http.unblock();

@@ -8,7 +8,7 @@
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +35,8 @@ pub struct ClientConnection {
     reader: BufReader<RefinedTcpStream>,
     writer: BufWriter<RefinedTcpStream>,
     limits: Arc<ConnectionLimits>,
+    /// Requests handed over, all connections together, whose answers are not yet written.
+    unwritten: Arc<AtomicUsize>,
 }
 
 /// How an answer went out.
@@ -53,12 +55,14 @@ impl ClientConnection {
         write_socket: RefinedTcpStream,
         mut read_socket: RefinedTcpStream,
         limits: Arc<ConnectionLimits>,
+        unwritten: Arc<AtomicUsize>,
     ) -> ClientConnection {
         ClientConnection {
             remote_addr: read_socket.peer_addr().ok().flatten(),
             reader: BufReader::with_capacity(1024, read_socket),
             writer: BufWriter::with_capacity(1024, write_socket),
             limits,
+            unwritten,
         }
     }
 
@@ -76,6 +80,7 @@ impl ClientConnection {
             };
             let too_long = request.body_exceeds_limit();
             let hangup = request.hangup();
+            self.unwritten.fetch_add(1, Ordering::SeqCst);
             hand_over(request);
             let written = match self.wait(&answer, &hangup) {
                 Some(Reply::Whole(bytes)) => self.write(&bytes),
@@ -86,6 +91,7 @@ impl ClientConnection {
                 }) => self.relay(&head, chunked, &pieces, &hangup),
                 None => Written::Failed,
             };
+            self.unwritten.fetch_sub(1, Ordering::SeqCst);
             match written {
                 Written::Failed => return hangup.store(true, Ordering::SeqCst),
                 _ if too_long => return self.drain(),

@@ -137,6 +137,9 @@ pub struct Server {
 
     // result of TcpListener::local_addr()
     listening_addr: ListenAddr,
+
+    // chatpool patch: requests handed over whose answers are not yet written
+    unwritten: Arc<AtomicUsize>,
 }
 
 // The server is shared between threads.
@@ -223,6 +226,8 @@ impl Server {
 
         let inside_close_trigger = close_trigger.clone();
         let inside_messages = messages.clone();
+        let unwritten = Arc::new(AtomicUsize::new(0));
+        let inside_unwritten = Arc::clone(&unwritten);
         let limits = Arc::new(limits);
         let accept_thread = thread::Builder::new().name("http-accept".into());
         accept_thread.spawn(move || {
@@ -268,7 +273,12 @@ impl Server {
                         continue;
                     }
                 };
-                let client = ClientConnection::new(write_closable, read_closable, limits.clone());
+                let client = ClientConnection::new(
+                    write_closable,
+                    read_closable,
+                    limits.clone(),
+                    Arc::clone(&inside_unwritten),
+                );
 
                 let messages = inside_messages.clone();
                 let mut task = Some((client, slot));
@@ -286,6 +296,7 @@ impl Server {
             messages,
             close: close_trigger,
             listening_addr: local_addr,
+            unwritten,
         })
     }
 
@@ -331,6 +342,12 @@ impl Server {
             Some(rq) => Ok(Some(rq)),
             None => Ok(None),
         }
+    }
+
+    /// chatpool patch: requests received whose answers their connections have not yet written
+    /// (or given up on). A process that exits while this is not zero cuts those answers off.
+    pub fn answers_unwritten(&self) -> usize {
+        self.unwritten.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Unblock thread stuck in recv() or incoming_requests().
