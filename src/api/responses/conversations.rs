@@ -20,19 +20,7 @@ pub(super) fn serve(
 ) -> Result<Answer, ApiError> {
     let tenant = asked.tenant.as_str();
     let body = match endpoint {
-        Endpoint::CreateConversation => {
-            let (items, metadata) = parse_new_conversation(&asked.body)?;
-            let conversation = Conversation {
-                id: new_id("conv_"),
-                created_at: now_secs(),
-                metadata: metadata.to_string(),
-            };
-            let object = shape::conversation(&conversation);
-            handler
-                .writer
-                .create_conversation(tenant, conversation, to_store(items))?;
-            object
-        }
+        Endpoint::CreateConversation => create(handler, tenant, &asked.body)?,
         Endpoint::GetConversation { id } => shape::conversation(&existing(handler, tenant, id)?),
         Endpoint::DeleteConversation { id } => {
             existing(handler, tenant, id)?;
@@ -74,6 +62,21 @@ pub(super) fn serve(
         }
     };
     Ok(Answer::Response(json_response(200, &body)))
+}
+
+/// Creates a conversation with its first items; answers with the conversation.
+fn create(handler: &Handler, tenant: &str, body: &[u8]) -> Result<serde_json::Value, ApiError> {
+    let (items, metadata) = parse_new_conversation(body)?;
+    let conversation = Conversation {
+        id: new_id("conv_"),
+        created_at: now_secs(),
+        metadata: metadata.to_string(),
+    };
+    let object = shape::conversation(&conversation);
+    handler
+        .writer
+        .create_conversation(tenant, conversation, to_store(items))?;
+    Ok(object)
 }
 
 fn existing(handler: &Handler, tenant: &str, id: &str) -> Result<Conversation, ApiError> {

@@ -121,6 +121,28 @@ fn read_field(
                 .map(|id| checked_conversation_id(&id, key))
                 .transpose()?;
         }
+        "temperature" | "max_output_tokens" | "top_p" | "truncation" => {
+            read_sampling(asked, key, value)?
+        }
+        "metadata" => echo(asked, metadata(&value)?),
+        "user" | "safety_identifier" | "prompt_cache_key" => {
+            text_or_null(key, &value)?;
+            if key == "user" {
+                echo(asked, value);
+            }
+        }
+        // What asks for nothing beyond a text reply is taken; anything more is refused.
+        "service_tier" | "stream_options" | "parallel_tool_calls" | "max_tool_calls" => {}
+        _ if asks_for_text_only(key, &value) => {}
+        _ => return Err(refusal(key)),
+    }
+    Ok(())
+}
+
+/// A field that goes to the LLM, or says how much history does; each is echoed back.
+fn read_sampling(asked: &mut CreateResponse, key: &str, value: Value) -> Result<(), ApiError> {
+    let echo = |asked: &mut CreateResponse, value: Value| asked.echo[key] = value;
+    match key {
         "temperature" => {
             asked.sampling.temperature =
                 temperature(&value).map_err(|e| param(key, e.to_string()))?;
@@ -159,29 +181,22 @@ fn read_field(
             };
             echo(asked, name.into());
         }
-        "metadata" => echo(asked, metadata(&value)?),
-        "user" | "safety_identifier" | "prompt_cache_key" => {
-            text_or_null(key, &value)?;
-            if key == "user" {
-                echo(asked, value);
-            }
-        }
-        // What asks for nothing beyond a text reply is taken; anything more is refused.
-        "service_tier" | "stream_options" | "parallel_tool_calls" | "max_tool_calls" => {}
-        _ if asks_for_text_only(key, &value) => {}
-        _ => {
-            let message = match key {
-                "tools" | "tool_choice" | "reasoning" | "text" | "include" | "background"
-                | "prompt" | "top_logprobs" => format!(
-                    "`{key}` is not supported: chatpool answers with a text reply from a \
-                     chat-completions model"
-                ),
-                other => format!("unknown field `{other}`"),
-            };
-            return Err(param(key, message));
-        }
+        _ => {}
     }
     Ok(())
+}
+
+/// Why a field is refused: one asking for more than a text reply, or one OpenAI's API lacks.
+fn refusal(key: &str) -> ApiError {
+    let message = match key {
+        "tools" | "tool_choice" | "reasoning" | "text" | "include" | "background" | "prompt"
+        | "top_logprobs" => format!(
+            "`{key}` is not supported: chatpool answers with a text reply from a \
+             chat-completions model"
+        ),
+        other => format!("unknown field `{other}`"),
+    };
+    param(key, message)
 }
 
 /// Whether a field OpenAI's SDK may send holds the value that asks for a plain text reply.

@@ -161,11 +161,17 @@ pub fn route(method: &Method, segments: &[&str], query: &str) -> Result<Endpoint
             )))
         }
     };
+    only_listed_queries(&endpoint, query)?;
+    Ok(endpoint)
+}
+
+/// Refuses a query on an endpoint that is not a list, except `include`, which asks for extra
+/// output data that chatpool's text items never carry.
+fn only_listed_queries(endpoint: &Endpoint, query: &str) -> Result<(), ApiError> {
     let lists = matches!(
         endpoint,
         Endpoint::InputItems { .. } | Endpoint::ListItems { .. }
     );
-    // `include` asks for extra output data, which chatpool's text items never carry.
     if !lists
         && query
             .split('&')
@@ -175,7 +181,7 @@ pub fn route(method: &Method, segments: &[&str], query: &str) -> Result<Endpoint
             "this endpoint takes no query parameters".into(),
         ));
     }
-    Ok(endpoint)
+    Ok(())
 }
 
 fn shaped(id: &str, prefix: &str, name: &str) -> Result<String, ApiError> {
