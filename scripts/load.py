@@ -482,7 +482,7 @@ def wait_healthy(addr, proc, seconds=30):
     return False
 
 
-class GoPeer:
+class GoPeer(Proc):
     """The Go seed's peer (../shared/peers/go), started with the flags bench/run.py gives it."""
 
     def __init__(self, path, mock_addr, work):
@@ -499,9 +499,6 @@ class GoPeer:
         if not wait_healthy(self.addr, self.p):
             self.stop()
             sys.exit(f"load: {path} did not start; see {self.log.name}")
-
-    def stop(self):
-        Proc.stop(self)
 
 
 def start_target(args, binary, mock, work):
@@ -538,7 +535,7 @@ class SteadyLoad:
                 return None, None
             i = self.next
             self.next += 1
-            chat = fastrand_chat(i)
+            chat = chat_of_request(i)
             while chat in self.in_flight:
                 chat = (chat + 1) % SOAK_CHATS
             self.in_flight.add(chat)
@@ -578,7 +575,7 @@ class SteadyLoad:
             return dict(self.statuses), latencies
 
 
-def fastrand_chat(i):
+def chat_of_request(i):
     # A fixed scramble of the request number: every chat gets traffic, in no particular order.
     return (i * 2654435761) % (2**32) % SOAK_CHATS
 
