@@ -116,20 +116,34 @@ impl Connection {
     /// this, between its reads and writes, so switching the socket to non-blocking for the
     /// peek disturbs no one. UNIX sockets cannot be peeked at on stable Rust: never hung up.
     pub(crate) fn hung_up(&self) -> bool {
+        if self.set_nonblocking(true).is_err() {
+            return false;
+        }
+        let gone = self.hung_up_nonblocking();
+        let _ = self.set_nonblocking(false);
+        gone
+    }
+
+    /// [`Connection::hung_up`] on a socket already set non-blocking: one peek.
+    pub(crate) fn hung_up_nonblocking(&self) -> bool {
         let Self::Tcp(s) = self else {
             return false;
         };
-        if s.set_nonblocking(true).is_err() {
-            return false;
-        }
-        let peeked = s.peek(&mut [0u8; 1]);
-        let _ = s.set_nonblocking(false);
-        match peeked {
+        match s.peek(&mut [0u8; 1]) {
             Ok(n) => n == 0,
             Err(e) => !matches!(
                 e.kind(),
                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
             ),
+        }
+    }
+
+    /// Sets the socket (and every handle of it) non-blocking, or back.
+    pub(crate) fn set_nonblocking(&self, on: bool) -> std::io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.set_nonblocking(on),
+            #[cfg(unix)]
+            Self::Unix(s) => s.set_nonblocking(on),
         }
     }
 
