@@ -217,7 +217,11 @@ fn half_sent_upgrade_posts_pin_no_worker() {
 #[test]
 fn clients_that_never_or_barely_read_a_large_history_free_their_workers() {
     let work = Workdir::new();
-    let server = work.serve("[server]\nmax_concurrent_requests = 4\nclient_timeout_secs = 2\n");
+    let client_timeout = Duration::from_secs(5);
+    let server = work.serve(&format!(
+        "[server]\nmax_concurrent_requests = 4\nclient_timeout_secs = {}\n",
+        client_timeout.as_secs()
+    ));
     let addr = server.addr;
     let big = "h".repeat(25_000);
     for _ in 0..14 {
@@ -241,11 +245,13 @@ fn clients_that_never_or_barely_read_a_large_history_free_their_workers() {
         })
         .collect();
     answered_at_once("GET /healthz", 200, || get(addr, "/healthz"));
-    // The workers render answers until the connections stop asking (their buffers are full:
-    // a few answers each, a second or two of work in a debug build), then have nothing to do.
-    // A worker writing its own answer would stay pinned by the slow readers for as long as
-    // they trickle, and by the others for the timeout on each of their answers in turn.
-    let freed = eventually(Duration::from_secs(20), || workers_busy(addr) == 0);
+    // Each connection reads its next request only once its answer is written, so the workers
+    // render one answer per connection and then have nothing to do: free within the client
+    // timeout and a second. A worker writing its own answer would stay pinned by the slow
+    // readers for as long as they trickle, and by the others for the timeout on each answer.
+    let freed = eventually(client_timeout + Duration::from_secs(1), || {
+        workers_busy(addr) == 0
+    });
     assert!(freed, "workers still busy after {:?}", started.elapsed());
     let until = Instant::now() + Duration::from_secs(3);
     while Instant::now() < until {
