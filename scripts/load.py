@@ -295,17 +295,23 @@ def steady_rate(done_us, latency_ms):
     return inside / ((end - start) / 1e6)
 
 
+def write_config(work, workers, mock_addr):
+    """Writes chatpool's config for a run in `work`, against the mock at `mock_addr`; its path."""
+    config = os.path.join(work, "config.toml")
+    with open(config, "w") as f:
+        f.write(f'[server]\nlisten = "127.0.0.1:0"\nmax_concurrent_requests = {workers}\n'
+                f'queue_capacity = {QUEUE_CAPACITY}\nshutdown_grace_secs = 5\n\n'
+                f'[storage]\npath = "{os.path.join(work, "chat.db")}"\n\n'
+                f'[llm]\nprovider = "openai"\nbase_url = "http://{mock_addr}/v1"\n'
+                f'api_key_env = "LOAD_NO_KEY"\nrequest_timeout_ms = 30000\n')
+    return config
+
+
 def run_phase(binary, name, connections, args, work):
     sc = SCENARIOS[name]
     mock = Proc([binary, "mock-llm", "--listen", "127.0.0.1:0", "--latency-ms", str(sc.latency_ms)],
                 "listening on http://", os.path.join(work, "mock.log"))
-    config = os.path.join(work, "config.toml")
-    with open(config, "w") as f:
-        f.write(f'[server]\nlisten = "127.0.0.1:0"\nmax_concurrent_requests = {sc.workers}\n'
-                f'queue_capacity = {QUEUE_CAPACITY}\nshutdown_grace_secs = 5\n\n'
-                f'[storage]\npath = "{os.path.join(work, "chat.db")}"\n\n'
-                f'[llm]\nprovider = "openai"\nbase_url = "http://{mock.addr}/v1"\n'
-                f'api_key_env = "LOAD_NO_KEY"\nrequest_timeout_ms = 30000\n')
+    config = write_config(work, sc.workers, mock.addr)
     kind = "relay" if sc.kind == "direct" else sc.kind
     syscalls = SyscallCounter(work) if args.syscall_seconds and sc.kind != "direct" else None
     server = None
@@ -505,13 +511,7 @@ def start_target(args, binary, mock, work):
     kind, _, path = args.target.partition(":")
     if kind == "go":
         return GoPeer(os.path.abspath(path), mock.addr, work)
-    config = os.path.join(work, "config.toml")
-    with open(config, "w") as f:
-        f.write(f'[server]\nlisten = "127.0.0.1:0"\nmax_concurrent_requests = {SOAK_WORKERS}\n'
-                f'queue_capacity = {QUEUE_CAPACITY}\nshutdown_grace_secs = 5\n\n'
-                f'[storage]\npath = "{os.path.join(work, "chat.db")}"\n\n'
-                f'[llm]\nprovider = "openai"\nbase_url = "http://{mock.addr}/v1"\n'
-                f'api_key_env = "LOAD_NO_KEY"\nrequest_timeout_ms = 30000\n')
+    config = write_config(work, SOAK_WORKERS, mock.addr)
     return Proc([binary, "--config", config], "listening on http://", os.path.join(work, "chatpool.log"))
 
 
