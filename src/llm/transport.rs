@@ -17,7 +17,7 @@ use super::cancel::{Cancel, SLICE};
 use super::connect;
 use parking_lot::Mutex;
 use std::fmt;
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -171,6 +171,8 @@ impl Connector<()> for SlicedConnector {
             slot: Arc::clone(&self.slot),
             read_timeout: None,
             write_timeout: None,
+            held: Vec::new(),
+            used: false,
         }))
     }
 }
@@ -189,6 +191,11 @@ pub(crate) struct SlicedTransport {
     // What the socket's timeouts are set to, so they are set only when they change.
     read_timeout: Option<Duration>,
     write_timeout: Option<Duration>,
+    /// Output ureq handed over but not yet sent: a request's head waits here for its body so
+    /// that both leave in one system call.
+    held: Vec<u8>,
+    /// Whether the connection carried a call since its last look for a hang-up.
+    used: bool,
 }
 
 /// Whether a socket error only says that a slice ran out.
@@ -199,21 +206,36 @@ fn slice_ran_out(e: &io::Error) -> bool {
     )
 }
 
-impl Transport for SlicedTransport {
-    fn buffers(&mut self) -> &mut dyn Buffers {
-        &mut self.buffers
+impl SlicedTransport {
+    /// Sends what is held, then the first `amount` bytes of ureq's output buffer, slice by
+    /// slice like every other wait; nothing stays held afterwards, whatever the outcome.
+    fn send_held(&mut self, amount: usize) -> Result<(), ureq::Error> {
+        let held = std::mem::take(&mut self.held);
+        let sent = self.send_both(&held, amount);
+        // Keep the allocation for the next request's head.
+        self.held = held;
+        self.held.clear();
+        sent
     }
 
-    // ureq's own timeouts are not configured; the call's deadline is in the slot.
-    fn transmit_output(&mut self, amount: usize, _: NextTimeout) -> Result<(), ureq::Error> {
+    fn send_both(&mut self, first: &[u8], amount: usize) -> Result<(), ureq::Error> {
+        let total = first.len() + amount;
         let mut sent = 0;
-        while sent < amount {
+        while sent < total {
             let wait = self.slot.allowance()?;
             if self.write_timeout != Some(wait) {
                 self.stream.set_write_timeout(Some(wait))?;
                 self.write_timeout = Some(wait);
             }
-            match self.stream.write(&self.buffers.output()[sent..amount]) {
+            let second = &self.buffers.output()[..amount];
+            let parts = match first.get(sent..) {
+                Some(rest) if !rest.is_empty() => [IoSlice::new(rest), IoSlice::new(second)],
+                _ => [
+                    IoSlice::new(&second[sent - first.len()..]),
+                    IoSlice::new(&[]),
+                ],
+            };
+            match (&self.stream).write_vectored(&parts) {
                 Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
                 Ok(n) => sent += n,
                 Err(e) if slice_ran_out(&e) => {}
@@ -222,8 +244,33 @@ impl Transport for SlicedTransport {
         }
         Ok(())
     }
+}
+
+impl Transport for SlicedTransport {
+    fn buffers(&mut self) -> &mut dyn Buffers {
+        &mut self.buffers
+    }
+
+    // ureq's own timeouts are not configured; the call's deadline is in the slot.
+    //
+    // ureq hands over a request's head, then its body, each in a call of its own. The head is
+    // held until the body comes, or until ureq turns to reading, and both go in one `writev`:
+    // one system call a request instead of two.
+    fn transmit_output(&mut self, amount: usize, _: NextTimeout) -> Result<(), ureq::Error> {
+        self.used = true;
+        if self.held.is_empty() {
+            self.held
+                .extend_from_slice(&self.buffers.output()[..amount]);
+            return Ok(());
+        }
+        self.send_held(amount)
+    }
 
     fn await_input(&mut self, _: NextTimeout) -> Result<bool, ureq::Error> {
+        self.used = true;
+        if !self.held.is_empty() {
+            self.send_held(0)?;
+        }
         loop {
             let wait = self.slot.allowance()?;
             if self.read_timeout != Some(wait) {
@@ -242,7 +289,15 @@ impl Transport for SlicedTransport {
     }
 
     /// Open means nothing to read and no end of stream: one peek that never blocks.
+    ///
+    /// ureq asks twice per call: when the connection goes back to its pool, and when it is
+    /// taken out for the next call. Only the second look peeks. Whatever the first would find
+    /// (bytes past the response, or the upstream closing) is still there for the second, which
+    /// refuses the connection just the same, one system call a request sooner.
     fn is_open(&mut self) -> bool {
+        if std::mem::take(&mut self.used) {
+            return true;
+        }
         let mut byte = 0u8;
         // SAFETY: recv(2) into one byte we own, on a descriptor the stream keeps open.
         let n = unsafe {
