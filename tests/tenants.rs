@@ -500,6 +500,124 @@ fn usage_sums_the_upstream_s_counts_per_day_and_model_for_the_calling_tenant_onl
     );
 }
 
+/// A stateless relay's body: nothing stored but its usage.
+fn relay_body() -> String {
+    json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).to_string()
+}
+
+/// `chatpool usage --json` against `config`'s database, as an operator runs it.
+fn operator_usage(config: &std::path::Path) -> Value {
+    let out = Command::new(BIN)
+        .args(["--config", config.to_str().unwrap(), "usage", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// (requests, total tokens) of a usage report's first row, zeros when it has none.
+fn first_row(report: &Value) -> (u64, u64) {
+    let row = &report["data"][0];
+    let count = |key: &str| row[key].as_u64().unwrap_or(0);
+    (count("requests"), count("total_tokens"))
+}
+
+/// (requests, total tokens) in the database's usage table, read as a file.
+fn stored_usage(db: &std::path::Path) -> (u64, u64) {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    conn.query_row(
+        "SELECT coalesce(sum(requests), 0), coalesce(sum(prompt_tokens + completion_tokens), 0)
+         FROM usage",
+        [],
+        |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_chat_message_s_200_means_its_usage_is_stored_too() {
+    // The writer stores the tally before the exchanges it commits, not at its next tick.
+    let upstream = FakeUpstream::replying("x");
+    let work = Workdir::new();
+    let server = work.serve(&openai_llm(upstream.addr, ""));
+    for n in 1..=10 {
+        let sent = send(server.addr, "c", &format!("message {n}"));
+        assert_eq!(sent.status, 200, "{}", sent.text());
+        assert_eq!(stored_usage(&work.db()), (n, 9 * n), "after message {n}");
+    }
+}
+
+#[test]
+fn relayed_calls_usage_is_in_v1_usage_the_moment_they_are_answered() {
+    // A relay's usage waits in the writer's tally for its next tick (100 ms); /v1/usage asked
+    // right after each 200 must count it all the same, every time.
+    let upstream = FakeUpstream::replying("x");
+    let work = Workdir::new();
+    let server = work.serve(&openai_llm(upstream.addr, ""));
+    for n in 1..=30 {
+        let relayed = post(server.addr, "/v1/chat/completions", &relay_body());
+        assert_eq!(relayed.status, 200, "{}", relayed.text());
+        let report = get(server.addr, "/v1/usage").json();
+        assert_eq!(first_row(&report), (n, 9 * n), "after relay {n}: {report}");
+    }
+}
+
+#[test]
+fn a_running_server_stores_relayed_usage_on_its_own_within_a_tick() {
+    // Nothing but relays, and no /v1/usage to ask for a store: the writer's idle tick stores
+    // their usage, where another process reads it.
+    let upstream = FakeUpstream::replying("x");
+    let work = Workdir::new();
+    let config = openai_llm(upstream.addr, "");
+    let server = work.serve(&config);
+    for _ in 0..3 {
+        assert_eq!(
+            post(server.addr, "/v1/chat/completions", &relay_body()).status,
+            200
+        );
+    }
+    let cfg = work.config(&config);
+    let mut seen = (0, 0);
+    let stored = eventually(Duration::from_secs(5), || {
+        seen = first_row(&operator_usage(&cfg));
+        seen == (3, 27)
+    });
+    assert!(stored, "the database holds {seen:?}");
+}
+
+#[test]
+fn a_sigterm_right_after_relayed_calls_keeps_their_usage() {
+    let upstream = FakeUpstream::replying("x");
+    let work = Workdir::new();
+    let config = openai_llm(upstream.addr, "");
+    let mut server = work.spawn(&config);
+    let addr = server.addr;
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            thread::spawn(move || {
+                (0..10)
+                    .map(|_| post(addr, "/v1/chat/completions", &relay_body()).status)
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    for client in clients {
+        assert!(client.join().unwrap().iter().all(|&s| s == 200));
+    }
+    server.signal(libc::SIGTERM);
+    let status = server.wait(Duration::from_secs(20)).expect("exited");
+    assert_eq!(status.code(), Some(0), "{}", server.log());
+    assert_eq!(first_row(&operator_usage(&work.config(&config))), (40, 360));
+    // A restarted server reads the same back.
+    let restarted = work.serve(&config);
+    let report = get(restarted.addr, "/v1/usage").json();
+    assert_eq!(first_row(&report), (40, 360), "{report}");
+}
+
 /// `scripts/merge-usage.jq`, as docs/scale-out.md runs it, over the same instance's report
 /// twice: every count doubles. Needs jq, which the docs ask the operator for.
 fn merged_twice_doubles(report: &[u8], rows: &[Value]) {

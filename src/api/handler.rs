@@ -203,7 +203,7 @@ impl Handler {
                 &openai::models(self.llm.model()),
             ))),
             Route::Usage(query) => {
-                usage::report(&self.readers, tenant, query).map(Answer::Response)
+                usage::report(&self.readers, &self.writer, tenant, query).map(Answer::Response)
             }
             Route::Responses(endpoint) => {
                 super::responses::serve(self, endpoint, asked, ticket, responder, timings)
@@ -243,7 +243,7 @@ impl Handler {
         let messages = turn.prompt(&self.config.history.system_prompt, &window);
         let completion = self.complete(&turn, &messages, asked, responder, timings);
         if let Ok(completion) = &completion {
-            self.count_usage(asked, turn.chat.is_some(), completion);
+            self.count_usage(asked, completion);
         }
         if asked.hangup.load(Ordering::SeqCst) {
             let when = if turn.shape.stream {
@@ -326,20 +326,13 @@ impl Handler {
         Ok(completion?)
     }
 
-    /// Counts an answered LLM call's tokens against the tenant's budget and has the writer
-    /// store them, whether or not the client is still there. A chat's exchange, handed over
-    /// next, waits for the commit that stores both; a relay, which stores nothing else, waits
-    /// here, so that its answer too means its usage is stored.
-    pub(super) fn count_usage(&self, asked: &Asked, in_chat: bool, completion: &Completion) {
-        let spend = usage::spend(&self.tenants, &asked.tenant, completion);
-        if in_chat {
-            self.writer.add_usage(spend);
-        } else if let Err(e) = self.writer.store_usage(spend) {
-            log::warn!(
-                "request_id={}: the relayed call's usage was not stored: {e}",
-                asked.request_id
-            );
-        }
+    /// Counts an answered LLM call's tokens against the tenant's budget and adds them to the
+    /// writer's tally, whether or not the client is still there. A chat's exchange, handed over
+    /// next, waits for the commit that stores both; a relay waits for nothing, and its usage is
+    /// stored at the writer's next commit or idle tick.
+    pub(super) fn count_usage(&self, asked: &Asked, completion: &Completion) {
+        self.writer
+            .add_usage(usage::spend(&self.tenants, &asked.tenant, completion));
     }
 
     /// Hands the exchange to the writer thread and waits until it is committed.

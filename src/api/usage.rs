@@ -2,25 +2,28 @@
 //!
 //! A call's tokens count against its tenant's budget the moment the LLM has answered (the
 //! upstream has charged for them whether or not the client is still there), and go to the
-//! writer to be stored in the `usage` table, a chat's exchange or not.
+//! writer's tally to be stored in the `usage` table, a chat's exchange or not.
 
 use super::error::ApiError;
 use super::{json_response, HttpResponse};
 use crate::llm::wire::Completion;
 use crate::store::usage::{Spend, UsageQuery, UsageRow};
-use crate::store::Readers;
+use crate::store::{Readers, Writer};
 use crate::tenants::day::Day;
 use crate::tenants::Tenants;
 use serde_json::json;
 use std::time::SystemTime;
 
 /// The calling tenant's usage as `query` asks: `{"object": "list", "data": [...]}`, with one
-/// total row when not grouped.
+/// total row when not grouped. The writer first stores its tally, so the report counts every
+/// call answered before it.
 pub fn report(
     readers: &Readers,
+    writer: &Writer,
     tenant: &str,
     query: &UsageQuery,
 ) -> Result<HttpResponse, ApiError> {
+    writer.flush_usage()?;
     let mut rows = readers.get()?.usage(Some(tenant), query)?;
     if rows.is_empty() && query.group_by.is_none() {
         rows.push(UsageRow::zero(tenant));

@@ -1,9 +1,16 @@
 //! Usage: the LLM calls each tenant made and the tokens they took, by UTC day and model.
 //!
-//! One row per (tenant, day, model) in the `usage` table, added to by the [`Writer`] with the
-//! exchanges it commits, and read by `GET /v1/usage`, by `chatpool usage`, and at start-up
-//! for the day's token budgets. Rows outlive the chats they came from: a deleted chat's tokens
-//! were still spent, and a stateless relay stores no chat but spends all the same.
+//! One row per (tenant, day, model) in the `usage` table, read by `GET /v1/usage`, by
+//! `chatpool usage`, and at start-up for the day's token budgets. Rows outlive the chats they
+//! came from: a deleted chat's tokens were still spent, and a stateless relay stores no chat
+//! but spends all the same.
+//!
+//! A worker adds its call's spend to the [`Tally`], a map in memory, and goes on: nothing wakes
+//! the writer for it. The [`Writer`] takes the whole tally and adds it to the rows in one
+//! transaction before each batch of exchanges it commits (so an exchange's answer still means
+//! its usage is stored), on its idle tick, when `GET /v1/usage` asks, and when it stops. Budgets
+//! are enforced from counts in memory (see `crate::tenants`), so the rows are only for a
+//! restart and for reports.
 //!
 //! [`Writer`]: super::Writer
 
@@ -12,6 +19,7 @@ use crate::tenants::day::Day;
 use rusqlite::{params, TransactionBehavior};
 use serde_json::{json, Value};
 use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
 
 /// One LLM call's usage, as the writer stores it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +34,97 @@ pub struct Spend {
     pub prompt_tokens: u64,
     /// Tokens of the reply.
     pub completion_tokens: u64,
+}
+
+/// What calls of one tenant, day and model spent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// LLM calls.
+    pub requests: u64,
+    /// Their prompt tokens.
+    pub prompt_tokens: u64,
+    /// Their completion tokens.
+    pub completion_tokens: u64,
+}
+
+impl Counts {
+    fn add(&mut self, other: Counts) {
+        self.requests = self.requests.saturating_add(other.requests);
+        self.prompt_tokens = self.prompt_tokens.saturating_add(other.prompt_tokens);
+        self.completion_tokens = self
+            .completion_tokens
+            .saturating_add(other.completion_tokens);
+    }
+}
+
+/// Calls' spends added up by (tenant, day, model): the rows they add to.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Spends(HashMap<(String, Day, String), Counts>);
+
+impl Spends {
+    /// Adds one call's spend to its key's counts.
+    pub fn add(&mut self, spend: Spend) {
+        let counts = Counts {
+            requests: 1,
+            prompt_tokens: spend.prompt_tokens,
+            completion_tokens: spend.completion_tokens,
+        };
+        let key = (spend.tenant, spend.day, spend.model);
+        self.0.entry(key).or_default().add(counts);
+    }
+
+    /// Adds every key's counts of `other`.
+    pub fn merge(&mut self, other: Spends) {
+        for (key, counts) in other.0 {
+            self.0.entry(key).or_default().add(counts);
+        }
+    }
+
+    /// Whether nothing was spent.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The number of (tenant, day, model) keys.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// The counts of one tenant, day and model, if any.
+    #[cfg(test)]
+    pub fn get(&self, tenant: &str, day: Day, model: &str) -> Option<Counts> {
+        self.0.get(&(tenant.into(), day, model.into())).copied()
+    }
+}
+
+/// The spends the workers have added and the writer has not yet taken, shared by both.
+///
+/// A std `Mutex`: uncontended it costs no system call, and held only for a map insert, a
+/// waiter sleeps at once rather than yielding in a spin as parking_lot's would.
+#[derive(Debug, Default)]
+pub struct Tally(Mutex<Spends>);
+
+impl Tally {
+    /// Adds one call's spend, to be stored at the writer's next turn.
+    pub fn add(&self, spend: Spend) {
+        self.lock().add(spend);
+    }
+
+    /// Everything added since the last take, leaving the tally empty.
+    pub fn take(&self) -> Spends {
+        std::mem::take(&mut *self.lock())
+    }
+
+    /// Gives back spends that could not be stored, to be stored with the next take.
+    pub fn put_back(&self, spends: Spends) {
+        self.lock().merge(spends);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Spends> {
+        // A panic cannot leave the map half-changed in a way that matters: at worst one call's
+        // counts are missing.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// How usage rows are grouped beyond the tenant.
@@ -177,27 +276,28 @@ fn count(n: i64) -> u64 {
 }
 
 impl Store {
-    /// Adds each call's usage to its row, in one transaction. Only the writer adds.
-    pub(super) fn add_usage(&mut self, spends: &[Spend]) -> Result<(), StoreError> {
+    /// Adds each key's counts to its row, in one transaction. Only the writer adds.
+    pub(super) fn add_usage(&mut self, spends: &Spends) -> Result<(), StoreError> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         {
             let mut upsert = tx.prepare_cached(
                 "INSERT INTO usage (tenant, day, model, requests, prompt_tokens, completion_tokens)
-                 VALUES (?1, ?2, ?3, 1, ?4, ?5)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT (tenant, day, model) DO UPDATE SET
-                     requests = requests + 1,
+                     requests = requests + excluded.requests,
                      prompt_tokens = prompt_tokens + excluded.prompt_tokens,
                      completion_tokens = completion_tokens + excluded.completion_tokens",
             )?;
-            for s in spends {
+            for ((tenant, day, model), counts) in &spends.0 {
                 upsert.execute(params![
-                    s.tenant,
-                    s.day.to_string(),
-                    s.model,
-                    stored(s.prompt_tokens),
-                    stored(s.completion_tokens)
+                    tenant,
+                    day.to_string(),
+                    model,
+                    stored(counts.requests),
+                    stored(counts.prompt_tokens),
+                    stored(counts.completion_tokens)
                 ])?;
             }
         }
@@ -268,14 +368,19 @@ mod tests {
     fn sums_by_day_or_model_within_the_days_asked() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Store::open_and_migrate(&dir.path().join("u.db"), Synchronous::Normal).unwrap();
-        s.add_usage(&[
+        let mut spends = Spends::default();
+        for one in [
             spend("a", "2026-11-29", "m1", 10, 1),
             spend("a", "2026-11-30", "m1", 20, 2),
             spend("a", "2026-11-30", "m2", 30, 3),
-            spend("a", "2026-12-01", "m2", 40, 4),
-            spend("b", "2026-11-30", "m1", 1000, 1000),
-        ])
-        .unwrap();
+        ] {
+            spends.add(one);
+        }
+        s.add_usage(&spends).unwrap();
+        let mut later = Spends::default();
+        later.add(spend("a", "2026-12-01", "m2", 40, 4));
+        later.add(spend("b", "2026-11-30", "m1", 1000, 1000));
+        s.add_usage(&later).unwrap();
         let days = |from, to| UsageQuery {
             from: Day::parse(from),
             to: Day::parse(to),
@@ -315,6 +420,52 @@ mod tests {
         assert_eq!(
             json.to_string(),
             r#"{"model":"m1","requests":2,"prompt_tokens":30,"completion_tokens":3,"total_tokens":33}"#
+        );
+    }
+
+    #[test]
+    fn the_tally_adds_up_by_tenant_day_and_model_and_a_take_empties_it() {
+        let tally = Tally::default();
+        tally.add(spend("a", "2026-11-30", "m1", 10, 1));
+        tally.add(spend("a", "2026-11-30", "m1", 20, 2));
+        tally.add(spend("a", "2026-11-30", "m2", 30, 3));
+        tally.add(spend("a", "2026-12-01", "m1", 40, 4));
+        tally.add(spend("b", "2026-11-30", "m1", u64::MAX, 5));
+        tally.add(spend("b", "2026-11-30", "m1", 1, 5));
+        let day = |d| Day::parse(d).unwrap();
+        let counts = |requests, prompt_tokens, completion_tokens| Counts {
+            requests,
+            prompt_tokens,
+            completion_tokens,
+        };
+        let taken = tally.take();
+        assert_eq!(taken.len(), 4);
+        assert_eq!(
+            taken.get("a", day("2026-11-30"), "m1"),
+            Some(counts(2, 30, 3))
+        );
+        assert_eq!(
+            taken.get("a", day("2026-11-30"), "m2"),
+            Some(counts(1, 30, 3))
+        );
+        assert_eq!(
+            taken.get("a", day("2026-12-01"), "m1"),
+            Some(counts(1, 40, 4))
+        );
+        assert_eq!(
+            taken.get("b", day("2026-11-30"), "m1"),
+            Some(counts(2, u64::MAX, 10))
+        );
+        assert!(tally.take().is_empty());
+
+        // Given back after a failed store, the counts join what was added meanwhile.
+        tally.add(spend("a", "2026-11-30", "m1", 5, 5));
+        tally.put_back(taken);
+        let again = tally.take();
+        assert_eq!(again.len(), 4);
+        assert_eq!(
+            again.get("a", day("2026-11-30"), "m1"),
+            Some(counts(3, 35, 8))
         );
     }
 

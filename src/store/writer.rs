@@ -8,8 +8,12 @@
 //! and commits them in one transaction, then wakes each worker with its own result. A worker
 //! still answers only after its exchange is committed, so a 200 still means stored. A chat's
 //! deletion goes the same way, in its place among the exchanges, in a transaction of its own.
-//! Usage (each LLM call's tokens, see [`super::usage`]) goes the same way too, committed before
-//! the exchanges of its batch, so an exchange's answer also means its usage is stored.
+//! Usage (each LLM call's tokens, see [`super::usage`]) does not go through the queue: a worker
+//! adds it to a [`Tally`] in memory without waking this thread, and the thread stores the whole
+//! tally before the exchanges of each batch (so an exchange's answer also means its usage is
+//! stored), on its idle tick every [`WATCH_EVERY`], when `GET /v1/usage` asks (a barrier
+//! through the queue), and when it returns. A relay that stores nothing else thus hands over
+//! nothing and waits for nothing; a crash loses at most the last tick's worth of its counts.
 //!
 //! Checkpoints (copying the WAL back into the database file, with an fsync) are taken off this
 //! path: a second thread, `store-checkpoint`, runs them every `checkpoint_interval_ms` on its
@@ -18,7 +22,7 @@
 //! crosses the WAL's size threshold would run the checkpoint itself and every worker waiting on
 //! that batch would wait for the disk too.
 
-use super::usage::Spend;
+use super::usage::{Spend, Tally};
 use super::{Cause, Exchange, Message, Recent, Store, StoreError, WATCH_EVERY};
 use crate::config::Synchronous;
 use crate::handoff::{self, Received, Reply};
@@ -34,8 +38,8 @@ const MAX_BATCH: usize = 256;
 /// A write waiting for the writer thread, with where to send its result.
 enum Pending {
     Append(Exchange, Reply<Result<i64, StoreError>>),
-    /// With no one to answer when the caller does not wait.
-    Usage(Spend, Option<Reply<Result<(), StoreError>>>),
+    /// Store the tally now: everything added before this was handed over.
+    StoreUsage(Reply<Result<(), StoreError>>),
     Delete {
         tenant: String,
         chat_id: String,
@@ -46,11 +50,13 @@ enum Pending {
     Task(Box<dyn FnOnce(&mut Store) + Send>),
 }
 
-/// A handle for storing exchanges and deleting chats; clone one per worker. The writer thread returns once every
-/// handle is dropped and what was handed to it is committed.
+/// A handle for storing exchanges and usage and deleting chats; clone one per worker. The
+/// writer thread returns once every handle is dropped and what was handed to it, and the
+/// tally, is committed.
 #[derive(Clone)]
 pub struct Writer {
     pending: handoff::Sender<Pending>,
+    tally: Arc<Tally>,
 }
 
 impl Writer {
@@ -66,6 +72,14 @@ impl Writer {
         let mut store = Store::open(path, sync)?;
         store.disable_autocheckpoint()?;
         let (pending, incoming) = handoff::queue();
+        let tally = Arc::new(Tally::default());
+        let committer = Committer {
+            store,
+            recent,
+            tally: Arc::clone(&tally),
+            data_version: None,
+            batch: Batch::default(),
+        };
         let (stop_tx, stop) = crossbeam_channel::bounded::<()>(0);
         let spawn_error = |e: std::io::Error| {
             StoreError::Unavailable(Cause::message(format!("cannot start a thread: {e}")))
@@ -86,14 +100,14 @@ impl Writer {
         let thread = thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || {
-                run(store, incoming, recent);
+                run(committer, incoming);
                 drop(stop_tx);
                 if let Some(checkpoints) = checkpoints {
                     let _ = checkpoints.join();
                 }
             })
             .map_err(spawn_error)?;
-        Ok((Writer { pending }, thread))
+        Ok((Writer { pending, tally }, thread))
     }
 
     /// Stores the exchange and returns the reply's id once it is committed.
@@ -102,19 +116,18 @@ impl Writer {
         self.send(Pending::Append(exchange, done), result)
     }
 
-    /// Hands one LLM call's usage over without waiting for it: it is committed no later than
-    /// anything handed over after it (such as the exchange that follows), and a failure to
-    /// store it is logged.
+    /// Adds one LLM call's usage to the tally, without waking the writer thread: it is
+    /// committed no later than anything handed over after it (such as the exchange that
+    /// follows), or than the writer's next idle tick.
     pub fn add_usage(&self, spend: Spend) {
-        if self.pending.send(Pending::Usage(spend, None)).is_err() {
-            log::warn!("the writer thread has stopped; an LLM call's usage is not stored");
-        }
+        self.tally.add(spend);
     }
 
-    /// Stores one LLM call's usage and returns once it is committed.
-    pub fn store_usage(&self, spend: Spend) -> Result<(), StoreError> {
+    /// Stores the usage added so far and returns once it is committed, so that a read sees
+    /// every call answered before.
+    pub fn flush_usage(&self) -> Result<(), StoreError> {
         let (done, result) = handoff::reply();
-        self.send(Pending::Usage(spend, Some(done)), result)
+        self.send(Pending::StoreUsage(done), result)
     }
 
     /// Deletes a tenant's chat and all its messages; `false` when it did not exist.
@@ -154,24 +167,27 @@ impl Writer {
 struct Committer {
     store: Store,
     recent: Arc<Recent>,
+    /// The usage the workers added, stored ahead of each batch and on each tick.
+    tally: Arc<Tally>,
     /// `PRAGMA data_version` when last looked at; it changes only when another connection
     /// commits, and no other connection of this process does.
     data_version: Option<i64>,
     batch: Batch,
 }
 
-fn run(store: Store, incoming: handoff::Receiver<Pending>, recent: Arc<Recent>) {
-    let mut committer = Committer {
-        store,
-        recent,
-        data_version: None,
-        batch: Batch::default(),
-    };
+fn run(mut committer: Committer, incoming: handoff::Receiver<Pending>) {
     let mut received = Vec::with_capacity(MAX_BATCH);
     loop {
         match incoming.recv_many_timeout(&mut received, MAX_BATCH, WATCH_EVERY) {
-            Received::Closed => return,
-            Received::Timeout => committer.watch(),
+            Received::Closed => {
+                // Every handle is gone, so nothing can be added after this.
+                let _ = committer.store_usage();
+                return;
+            }
+            Received::Timeout => {
+                committer.watch();
+                let _ = committer.store_usage();
+            }
             Received::Items => committer.take(&mut received),
         }
     }
@@ -195,29 +211,51 @@ impl Committer {
                     self.batch.exchanges.push(exchange);
                     self.batch.waiting.push(done);
                 }
-                Pending::Usage(spend, done) => {
-                    self.batch.spends.push(spend);
-                    self.batch.spent.extend(done);
-                }
+                Pending::StoreUsage(done) => done.send(self.store_usage()),
                 Pending::Delete {
                     tenant,
                     chat_id,
                     done,
                 } => {
                     // The exchanges handed over before it are committed before it.
-                    self.batch.commit(&mut self.store, &self.recent);
+                    self.commit();
                     self.recent.forget(&tenant, &chat_id);
                     done.send(self.store.delete_chat(&tenant, &chat_id));
                 }
                 Pending::Task(task) => {
-                    self.batch.commit(&mut self.store, &self.recent);
+                    self.commit();
                     task(&mut self.store);
                     // It may have written any chat's messages (a conversation is a chat).
                     self.recent.clear();
                 }
             }
         }
+        self.commit();
+    }
+
+    /// Stores the tally, then the batch: a worker adds its usage before it hands over the
+    /// exchange (or task) that waits on this commit.
+    fn commit(&mut self) {
+        let _ = self.store_usage();
         self.batch.commit(&mut self.store, &self.recent);
+    }
+
+    /// Adds the whole tally to the usage rows in one transaction. What cannot be stored is
+    /// given back to the tally, to be tried again at the next commit or tick.
+    fn store_usage(&mut self) -> Result<(), StoreError> {
+        let spends = self.tally.take();
+        if spends.is_empty() {
+            return Ok(());
+        }
+        let stored = self.store.add_usage(&spends);
+        if let Err(e) = &stored {
+            log::warn!(
+                "usage for {} (tenant, day, model) could not be stored; kept to try again: {e}",
+                spends.len()
+            );
+            self.tally.put_back(spends);
+        }
+        stored
     }
 }
 
@@ -226,27 +264,12 @@ impl Committer {
 struct Batch {
     exchanges: Vec<Exchange>,
     waiting: Vec<Reply<Result<i64, StoreError>>>,
-    spends: Vec<Spend>,
-    spent: Vec<Reply<Result<(), StoreError>>>,
 }
 
 impl Batch {
-    /// Commits the usage gathered so far, then the exchanges, each in one transaction, extends
-    /// the windows kept in memory with the exchanges, and answers each waiting worker.
+    /// Commits the exchanges in one transaction, extends the windows kept in memory with them,
+    /// and answers each waiting worker.
     fn commit(&mut self, store: &mut Store, recent: &Recent) {
-        if !self.spends.is_empty() {
-            let stored = store.add_usage(&self.spends);
-            if let Err(e) = &stored {
-                log::warn!(
-                    "the usage of {} LLM calls could not be stored: {e}",
-                    self.spends.len()
-                );
-            }
-            self.spends.clear();
-            for done in self.spent.drain(..) {
-                done.send(stored.clone());
-            }
-        }
         if self.exchanges.is_empty() {
             return;
         }

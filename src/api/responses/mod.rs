@@ -388,7 +388,7 @@ fn take(
     );
     if let Ok(completion) = &completion {
         // Counted whether or not it is stored, as every answered call is.
-        handler.count_usage(asked, turn.asked.store, completion);
+        handler.count_usage(asked, completion);
     }
     if asked.hangup.load(Ordering::SeqCst) {
         log::info!(
