@@ -1,22 +1,23 @@
 //! The acceptor thread: every request passes through it, and it never waits on anything.
 //!
 //! For each request it decides, as a value, what happens to it: an operations endpoint it
-//! answers itself, a refusal (401, 404, 409, 413, 429, 503 ...), or admission into the job
-//! queue, which admission bounds, so a full pool is a 503 at once and never a wait. `/readyz` reads
-//! the database, which can wait on a lock, so that check runs on a thread of its own. A panic
-//! while deciding is caught: the request gets a 500 and admission goes on. The acceptor owns
-//! the queue's only sender: draining drops it, which lets the workers finish the queue and
-//! return.
+//! answers itself, a refusal (401, 404, 409, 413, 429, 503 ...), or admission into the bounded
+//! job channel with `try_send`, so a full pool is a 503 at once and never a wait. `/readyz`
+//! reads the database, which can wait on a lock, so that check runs on a thread of its own. A
+//! panic while deciding is caught: the request gets a 500 and admission goes on. The acceptor
+//! owns the channel's only sender: draining drops it, which lets the workers finish the queue
+//! and return.
 
 use crate::admission::{Admission, Refusal, Ticket};
 use crate::api::{self, ApiError, HttpResponse, Job, Ops, Route, Target};
 use crate::auth::Auth;
 use crate::config::Config;
-use crate::handoff::{Receiver, Sender};
+use crate::handoff::{BoundedReceiver, BoundedSender};
 use crate::metrics::Metrics;
 use crate::readiness::Readiness;
 use crate::store;
 use crate::tenants::{Clock, Tenants};
+use crossbeam_channel::TrySendError;
 use serde_json::json;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,10 +40,10 @@ pub struct Control {
 pub struct Acceptor {
     /// Where requests come from.
     pub http: Arc<tiny_http::Server>,
-    /// The only sender of the job queue; `None` once draining.
-    pub jobs: Option<Sender<Job>>,
-    /// The workers' end of the queue, kept only to read its length.
-    pub queue: Receiver<Job>,
+    /// The only sender of the job channel; `None` once draining.
+    pub jobs: Option<BoundedSender<Job>>,
+    /// The workers' end of the channel, kept only to read the queue's length.
+    pub queue: BoundedReceiver<Job>,
     /// How many requests are in flight, and which chats are busy.
     pub admission: Admission,
     /// Each tenant's limits and what it is using of them.
@@ -128,7 +129,7 @@ impl Acceptor {
                 };
                 match self.queue_job(job) {
                     None => return,
-                    Some(request) => (request, name, ApiError::Overloaded),
+                    Some((request, error)) => (request, name, error),
                 }
             }
             Decision::Refuse(name, error) => (request, name, error),
@@ -212,13 +213,19 @@ impl Acceptor {
         Ok(Decision::Admit(route, tenant, ticket))
     }
 
-    /// Queues an admitted job; gives its request back when it cannot be queued.
-    fn queue_job(&self, job: Job) -> Option<tiny_http::Request> {
+    /// Hands an admitted job to the workers; gives its request back with the refusal when the
+    /// channel has no room for it.
+    fn queue_job(&self, job: Job) -> Option<(tiny_http::Request, ApiError)> {
         let Some(jobs) = &self.jobs else {
-            return Some(job.request);
+            return Some((job.request, ApiError::ShuttingDown));
         };
-        // Fails only once every worker is gone.
-        jobs.send(job).err().map(|job| job.request)
+        // The channel has room for every ticket admission hands out (see `Server::start`), so
+        // admission's 503 comes first; a full channel is the same answer.
+        match jobs.try_send(job) {
+            Ok(()) => None,
+            Err(TrySendError::Full(job)) => Some((job.request, ApiError::Overloaded)),
+            Err(TrySendError::Disconnected(job)) => Some((job.request, ApiError::ShuttingDown)),
+        }
     }
 
     /// An operations endpoint's answer (`/readyz` only while draining: else it reads the

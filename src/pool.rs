@@ -1,11 +1,12 @@
-//! The worker pool: a fixed set of named threads taking jobs from one queue.
+//! The worker pool: a fixed set of named threads taking jobs from one bounded channel.
 //!
-//! Threads are started once and live as long as the queue has a sender: the acceptor holds
-//! the only one, so dropping it lets the workers finish what is queued and return. Each worker
-//! owns what it needs (its handler, with its clone of the LLM client and its handles on storage)
-//! inside its closure, and holds no lock across I/O. A job that panics is caught and logged; the
-//! thread takes the next job, because losing a worker would quietly shrink the pool for every
-//! user.
+//! Threads are started once and live as long as the channel has its sender: the acceptor
+//! holds it, so dropping it lets the workers finish what is queued and return. A worker with
+//! nothing to do sleeps at once on the channel's doorbell (see [`handoff::bounded`]), never
+//! spinning. Each worker owns what it needs (its handler, with its clone of the LLM client and
+//! its handles on storage) inside its closure, and holds no lock across I/O. A job that panics
+//! is caught and logged; the thread takes the next job, because losing a worker would quietly
+//! shrink the pool for every user.
 
 use crate::handoff;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
@@ -23,8 +24,8 @@ pub struct Pool {
 
 impl Pool {
     /// Starts one thread per element of `workers`, named `worker-0`, `worker-1`, …, each
-    /// running its closure on jobs from `jobs` until the queue is closed and empty.
-    pub fn start<J, W>(jobs: handoff::Receiver<J>, workers: Vec<W>) -> std::io::Result<Pool>
+    /// running its closure on jobs from `jobs` until the channel is closed and empty.
+    pub fn start<J, W>(jobs: handoff::BoundedReceiver<J>, workers: Vec<W>) -> std::io::Result<Pool>
     where
         J: Send + 'static,
         W: FnMut(J) + Send + 'static,
@@ -79,7 +80,7 @@ mod tests {
 
     #[test]
     fn a_panicking_job_does_not_lose_the_worker() {
-        let (tx, rx) = handoff::queue::<u32>();
+        let (tx, rx) = handoff::bounded::<u32>(4);
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
         let worker = move |n: u32| {
             assert!(n != 0, "job 0 panics on purpose");
@@ -88,8 +89,8 @@ mod tests {
                 .unwrap();
         };
         let pool = Pool::start(rx, vec![worker]).unwrap();
-        tx.send(0).unwrap();
-        tx.send(7).unwrap();
+        tx.try_send(0).unwrap();
+        tx.try_send(7).unwrap();
         let (n, name) = done_rx.recv_timeout(Duration::from_secs(10)).unwrap();
         assert_eq!((n, name.as_deref()), (7, Some("worker-0")));
         drop(tx);
@@ -98,13 +99,13 @@ mod tests {
 
     #[test]
     fn join_until_gives_up_at_the_deadline() {
-        let (tx, rx) = handoff::queue::<()>();
+        let (tx, rx) = handoff::bounded::<()>(1);
         let (release_tx, release_rx) = crossbeam_channel::bounded::<()>(0);
         let worker = move |_: ()| {
             let _ = release_rx.recv();
         };
         let pool = Pool::start(rx, vec![worker]).unwrap();
-        tx.send(()).unwrap();
+        tx.try_send(()).unwrap();
         drop(tx);
         assert!(!Pool::join_until(
             pool,

@@ -2,9 +2,9 @@
 //!
 //! [`Server::start`] opens the database (the writer thread, the shared read connections, the
 //! readiness thread's connection), binds the address, starts the workers and then the
-//! [`acceptor`](crate::acceptor), which admits requests into the workers' job queue.
+//! [`acceptor`](crate::acceptor), which admits requests into the workers' bounded channel.
 //!
-//! Shutdown order: stop admitting (the acceptor drops the queue's sender and keeps
+//! Shutdown order: stop admitting (the acceptor drops the channel's sender and keeps
 //! answering, so `/healthz` and `/readyz` stay truthful), wait for the workers up to the grace
 //! period, then stop the acceptor, and with it the readiness thread.
 
@@ -117,9 +117,14 @@ impl Server {
                 config.llm.base_url
             );
         }
-        // Admission (not the queue) enforces workers + queue_capacity in flight.
+        // Admission enforces workers + queue_capacity in flight. A job holds its ticket from
+        // admission until it is done, so the channel, with room for as many, is never full
+        // while admission admits: a job that a woken worker has not yet taken is no false 503,
+        // and with queue_capacity = 0 the channel still has room for the one a worker is about
+        // to take (a channel of the queue's size alone would be a rendezvous, and refuse every
+        // job, since workers never wait in crossbeam's `recv`).
         let limit = workers + config.server.queue_capacity;
-        let (jobs_tx, jobs_rx) = handoff::queue();
+        let (jobs_tx, jobs_rx) = handoff::bounded(limit);
         let pool = start_workers(&config, &storage, &llm, &metrics, &tenants, jobs_rx.clone())?;
         let (readiness, readiness_thread) =
             Readiness::start(storage.readiness, Arc::clone(&metrics))
@@ -193,7 +198,7 @@ fn start_workers(
     llm: &LlmClient,
     metrics: &Arc<Metrics>,
     tenants: &Tenants,
-    jobs: handoff::Receiver<Job>,
+    jobs: handoff::BoundedReceiver<Job>,
 ) -> Result<Pool, StartError> {
     let handlers: Vec<_> = (0..config.server.max_concurrent_requests)
         .map(|_| {
