@@ -1,6 +1,6 @@
 //! Microbenchmarks of chatpool's hot steps, with criterion: reading a history window from a
-//! large database, writing an exchange, assembling a prompt, parsing an upstream response, and
-//! validating a request.
+//! large database, writing an exchange, assembling a prompt, parsing an upstream response,
+//! validating a request, and handing work to a sleeping thread and back.
 //!
 //!     cargo bench --bench micro
 //!
@@ -10,6 +10,7 @@
 use chatpool::api::request::parse_send_message;
 use chatpool::api::route::route;
 use chatpool::config::Synchronous;
+use chatpool::handoff;
 use chatpool::llm::prompt;
 use chatpool::llm::wire::parse_completion;
 use chatpool::store::{Exchange, Store, DEFAULT_TENANT};
@@ -149,5 +150,30 @@ fn pure(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, storage, pure);
+/// The cost of the hand-offs every request pays: a job handed to a thread asleep on a
+/// [`handoff::queue`] and its answer handed back through a [`handoff::reply`] to the sender,
+/// asleep in turn. Each round trip is two wake-ups and two context switches; a request through
+/// the acceptor and a worker pays at least three such wake-ups (connection → acceptor → worker
+/// → connection), and the figure here is what each costs on the machine at hand.
+fn handoffs(c: &mut Criterion) {
+    let (jobs, incoming) = handoff::queue::<handoff::Reply<u64>>();
+    let echo = std::thread::spawn(move || {
+        while let Some(done) = incoming.recv() {
+            done.send(1);
+        }
+    });
+    c.bench_function("hand a job to a sleeping thread and its answer back", |b| {
+        b.iter(|| {
+            let (done, answer) = handoff::reply();
+            if jobs.send(done).is_err() {
+                panic!("the echo thread stopped");
+            }
+            answer.recv().expect("answered")
+        })
+    });
+    drop(jobs);
+    echo.join().expect("echo thread");
+}
+
+criterion_group!(benches, storage, pure, handoffs);
 criterion_main!(benches);
