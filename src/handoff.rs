@@ -538,7 +538,7 @@ mod tests {
             assert_eq!(rx.bell.lock().rings, 0, "a ring left untaken");
         }
         drop(tx);
-        receivers.into_iter().for_each(|r| r.join().unwrap());
+        joined_within_10s(receivers);
     }
 
     /// `senders` threads each send `rounds` items, one at a time, waiting until a receiver of
@@ -573,7 +573,7 @@ mod tests {
             }
         });
         drop(tx);
-        receivers.into_iter().for_each(|r| r.join().unwrap());
+        joined_within_10s(receivers);
     }
 
     #[test]
