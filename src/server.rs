@@ -6,7 +6,9 @@
 //!
 //! Shutdown order: stop admitting (the acceptor drops the channel's sender and keeps
 //! answering, so `/healthz` and `/readyz` stay truthful), wait for the workers up to the grace
-//! period, then stop the acceptor, and with it the readiness thread.
+//! period (then for the writer; or, when the grace ran out first, have the writer store the
+//! usage counted so far, which it otherwise stores only on its next tick), then stop the
+//! acceptor, and with it the readiness thread.
 
 use crate::acceptor::{Acceptor, Control};
 use crate::admission::Admission;
@@ -70,6 +72,10 @@ pub struct Server {
     readiness: JoinHandle<()>,
     pool: Pool,
     writer: JoinHandle<()>,
+    /// A handle on the writer for shutdown alone: when the grace period ends before the
+    /// workers do, the writer thread outlives the process's last moments, and the usage the
+    /// workers counted but the writer has not yet stored would go with them.
+    usage: Writer,
     control: Arc<Control>,
     grace: Duration,
 }
@@ -150,6 +156,7 @@ impl Server {
             readiness: readiness_thread,
             pool,
             writer: storage.writer_thread,
+            usage: storage.writer,
             control,
             grace: Duration::from_secs(config.server.shutdown_grace_secs),
         })
@@ -166,7 +173,8 @@ impl Server {
         self.http.unblock();
         let drained = self.pool.join_until(Instant::now() + self.grace);
         if drained {
-            // The workers held the writer's last handles; it returns once their writes are in.
+            // The workers held the writer's other handles; it returns once their writes are in.
+            drop(self.usage);
             joined("store-writer", self.writer);
             // Every answer is handed back to its connection's thread; the process must not
             // end before those threads have written them.
@@ -174,6 +182,8 @@ impl Server {
             while self.http.answers_unwritten() > 0 && Instant::now() < deadline {
                 thread::sleep(Duration::from_millis(5));
             }
+        } else if let Err(e) = self.usage.flush_usage() {
+            log::warn!("the usage of the calls answered so far could not be stored: {e}");
         }
         self.control.stopping.store(true, Ordering::SeqCst);
         self.http.unblock();

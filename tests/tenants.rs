@@ -4,6 +4,7 @@
 use crate::support::*;
 use serde_json::{json, Value};
 use std::collections::HashMap;
+use std::io::Write;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -616,6 +617,59 @@ fn a_sigterm_right_after_relayed_calls_keeps_their_usage() {
     let restarted = work.serve(&config);
     let report = get(restarted.addr, "/v1/usage").json();
     assert_eq!(first_row(&report), (40, 360), "{report}");
+}
+
+#[test]
+fn a_drain_cut_short_by_its_grace_still_stores_the_usage_of_relays_answered_before() {
+    // One call hangs, so the drain ends with its grace (none here), before the workers return.
+    // Every relay answered before the signal was counted, so its usage must be stored, not
+    // left in the writer's tally for a tick that never comes.
+    let upstream = ThreadedUpstream::start(|body| {
+        if body.contains("hang") {
+            Answer::Hang
+        } else {
+            Answer::Keep(http_200(&completion("x")))
+        }
+    });
+    let work = Workdir::new();
+    let config = format!(
+        "[server]\nshutdown_grace_secs = 0\n\n{}",
+        openai_llm(upstream.addr, "")
+    );
+    let mut server = work.spawn(&config);
+    let addr = server.addr;
+    let hanging = json!({"model": "m", "messages": [{"role": "user", "content": "hang"}]});
+    let mut held = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        held,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{hanging}",
+        hanging.to_string().len()
+    )
+    .unwrap();
+    assert!(eventually(Duration::from_secs(10), || {
+        get(addr, "/status").json()["workers_busy"] == 1
+    }));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            thread::spawn(move || {
+                (0..10)
+                    .map(|_| post(addr, "/v1/chat/completions", &relay_body()).status)
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    for client in clients {
+        assert!(client.join().unwrap().iter().all(|&s| s == 200));
+    }
+    server.signal(libc::SIGTERM);
+    let status = server.wait(Duration::from_secs(20)).expect("exited");
+    assert_eq!(status.code(), Some(0), "{}", server.log());
+    assert!(
+        server.log().contains("grace period ended"),
+        "{}",
+        server.log()
+    );
+    assert_eq!(first_row(&operator_usage(&work.config(&config))), (40, 360));
 }
 
 /// `scripts/merge-usage.jq`, as docs/scale-out.md runs it, over the same instance's report

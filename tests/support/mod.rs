@@ -755,3 +755,162 @@ impl Drop for RawUpstream {
         }
     }
 }
+
+/// What a [`ThreadedUpstream`] does with one request.
+pub enum Answer {
+    /// Writes these bytes (a whole HTTP response) and reads the connection's next request.
+    Keep(Vec<u8>),
+    /// Writes these bytes, then closes the connection, whatever the response's headers say.
+    Close(Vec<u8>),
+    /// Answers nothing, until the caller hangs up.
+    Hang,
+    /// Writes the first bytes, then after a moment, when the caller has read them, the
+    /// second on the same connection (counted in [`ThreadedUpstream::trailers`]), and keeps
+    /// reading.
+    Trail(Vec<u8>, Vec<u8>),
+}
+
+/// An HTTP/1.1 upstream in the test process serving each connection on a thread of its own,
+/// so that one call can hang while others are answered. The script gets each request's body.
+/// Counts the connections it accepted.
+pub struct ThreadedUpstream {
+    pub addr: SocketAddr,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
+    trailers: Arc<std::sync::atomic::AtomicUsize>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+/// A 200 with `body` and its length, as a keep-alive response.
+pub fn http_200(body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+impl ThreadedUpstream {
+    pub fn start(script: impl Fn(&str) -> Answer + Send + Sync + 'static) -> ThreadedUpstream {
+        ThreadedUpstream::start_reading(script, Duration::ZERO)
+    }
+
+    /// As [`ThreadedUpstream::start`], stopping for `stall` after the first 64 KiB of each
+    /// request body, so that a large body's sender finds the socket full for a while.
+    pub fn start_reading(
+        script: impl Fn(&str) -> Answer + Send + Sync + 'static,
+        stall: Duration,
+    ) -> ThreadedUpstream {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let trailers = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (count, stopped) = (Arc::clone(&connections), Arc::clone(&stop));
+        let trailed = Arc::clone(&trailers);
+        let script = Arc::new(script);
+        let thread = thread::spawn(move || {
+            for stream in listener.incoming() {
+                if stopped.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(stream) = stream else { continue };
+                count.fetch_add(1, Ordering::SeqCst);
+                let (script, trailed) = (Arc::clone(&script), Arc::clone(&trailed));
+                thread::spawn(move || serve_connection(stream, &*script, &trailed, stall));
+            }
+        });
+        ThreadedUpstream {
+            addr,
+            connections,
+            trailers,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Trailing bytes of [`Answer::Trail`] written so far.
+    pub fn trailers(&self) -> usize {
+        self.trailers.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Answers the requests of one connection as `script` says, until it closes.
+fn serve_connection(
+    stream: TcpStream,
+    script: &(impl Fn(&str) -> Answer + ?Sized),
+    trailed: &std::sync::atomic::AtomicUsize,
+    stall: Duration,
+) {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut out = stream;
+    loop {
+        let mut length = None;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) if line == "\r\n" => break,
+                Ok(_) => {}
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = v.trim().parse::<usize>().ok();
+            }
+        }
+        let mut body = vec![0; length.unwrap_or(0)];
+        let head = body.len().min(64 << 10);
+        let (first, rest) = body.split_at_mut(head);
+        if reader.read_exact(first).is_err() {
+            return;
+        }
+        thread::sleep(stall);
+        if reader.read_exact(rest).is_err() {
+            return;
+        }
+        match script(&String::from_utf8_lossy(&body)) {
+            Answer::Keep(bytes) => {
+                if out.write_all(&bytes).is_err() {
+                    return;
+                }
+            }
+            Answer::Close(bytes) => {
+                let _ = out.write_all(&bytes);
+                return;
+            }
+            Answer::Trail(answer, trailer) => {
+                let _ = out.write_all(&answer);
+                thread::sleep(Duration::from_millis(50));
+                if out.write_all(&trailer).is_err() {
+                    return;
+                }
+                trailed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            Answer::Hang => {
+                let mut rest = Vec::new();
+                let _ = reader.read_to_end(&mut rest);
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for ThreadedUpstream {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wakes the accept loop so it sees the stop.
+        let _ = TcpStream::connect(self.addr);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
