@@ -325,3 +325,92 @@ fn a_write_by_another_process_reaches_the_prompts_that_follow() {
         last_history(&upstream)
     );
 }
+
+/// One worker, and so one pool of kept-alive connections, calling `upstream` without retries;
+/// `server` adds to the `[server]` section.
+fn one_worker(upstream: std::net::SocketAddr, server: &str) -> String {
+    let llm = openai_llm(upstream, "max_retries = 0\n");
+    format!("[server]\nmax_concurrent_requests = 1\n{server}\n{llm}")
+}
+
+/// A relay's body.
+fn relay(content: &str) -> String {
+    serde_json::json!({"model": "m", "messages": [{"role": "user", "content": content}]})
+        .to_string()
+}
+
+#[test]
+fn an_upstream_that_closes_after_every_answer_without_saying_so_is_reconnected_to() {
+    // No `Connection: close`: the connection looks reusable, and only a look before the next
+    // call finds it closed. Without retries, a call sent on it would fail.
+    let upstream = ThreadedUpstream::start(|_| Answer::Close(http_200(&completion("ok"))));
+    let work = Workdir::new();
+    // One worker, so that every call after the first could take the same kept-alive connection.
+    let server = work.serve(&one_worker(upstream.addr, ""));
+    for n in 1..=30 {
+        let relayed = post(
+            server.addr,
+            "/v1/chat/completions",
+            &relay(&format!("m{n}")),
+        );
+        assert_eq!(relayed.status, 200, "call {n}: {}", relayed.text());
+        let sent = send(server.addr, "c", &format!("m{n}"));
+        assert_eq!(sent.status, 200, "message {n}: {}", sent.text());
+    }
+    assert_eq!(upstream.connections(), 60);
+}
+
+#[test]
+fn a_kept_alive_connection_with_bytes_past_the_answer_is_not_reused() {
+    // Bytes that come after the answer was read would be read as the next call's answer.
+    let upstream = ThreadedUpstream::start(|body| {
+        let answer = http_200(&completion(if body.contains("first") {
+            "one"
+        } else {
+            "two"
+        }));
+        Answer::Trail(answer, http_200(&completion("stale")))
+    });
+    let work = Workdir::new();
+    let server = work.serve(&one_worker(upstream.addr, ""));
+    for n in 1..=10 {
+        let content = if n == 1 { "first" } else { "later" };
+        let relayed = post(server.addr, "/v1/chat/completions", &relay(content));
+        assert_eq!(relayed.status, 200, "call {n}: {}", relayed.text());
+        let want = if n == 1 { "one" } else { "two" };
+        assert_eq!(
+            relayed.json()["choices"][0]["message"]["content"],
+            want,
+            "call {n}"
+        );
+        assert!(eventually(Duration::from_secs(10), || upstream.trailers() == n));
+    }
+    assert_eq!(upstream.connections(), 10);
+}
+
+#[test]
+fn a_body_larger_than_the_socket_takes_arrives_whole_over_many_writes() {
+    // The upstream stops reading for longer than a socket timeout while the request is larger
+    // than the socket buffers hold: writes come back short, and what is left must follow on.
+    // Then a small call on the same kept-alive connection.
+    let big = format!("{}END", "a".repeat(15 << 20));
+    let expected = big.len();
+    let upstream = ThreadedUpstream::start_reading(
+        move |body| {
+            let body: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+            let content = body["messages"][0]["content"].as_str().unwrap_or("");
+            let whole = content.len() == expected && content.ends_with("END") || content == "small";
+            let reply = if whole { "whole" } else { "torn" };
+            Answer::Keep(http_200(&completion(reply)))
+        },
+        Duration::from_millis(700),
+    );
+    let work = Workdir::new();
+    let server = work.serve(&one_worker(upstream.addr, "max_body_bytes = 16777216\n"));
+    for content in [big.as_str(), "small"] {
+        let relayed = post(server.addr, "/v1/chat/completions", &relay(content));
+        assert_eq!(relayed.status, 200, "{}", relayed.text());
+        assert_eq!(relayed.json()["choices"][0]["message"]["content"], "whole");
+    }
+    assert_eq!(upstream.connections(), 1);
+}
