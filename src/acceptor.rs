@@ -41,9 +41,9 @@ pub struct Acceptor {
     /// Where requests come from.
     pub http: Arc<tiny_http::Server>,
     /// The only sender of the job channel; `None` once draining.
-    pub jobs: Option<BoundedSender<Job>>,
+    pub jobs: Option<BoundedSender<Box<Job>>>,
     /// The workers' end of the channel, kept only to read the queue's length.
-    pub queue: BoundedReceiver<Job>,
+    pub queue: BoundedReceiver<Box<Job>>,
     /// How many requests are in flight, and which chats are busy.
     pub admission: Admission,
     /// Each tenant's limits and what it is using of them.
@@ -221,7 +221,9 @@ impl Acceptor {
         };
         // The channel has room for every ticket admission hands out (see `Server::start`), so
         // admission's 503 comes first; a full channel is the same answer.
-        match jobs.try_send(job) {
+        // Boxed, so that each of the channel's slots, all allocated at start, is a pointer
+        // rather than a whole request: a queue of 65,536 would otherwise hold 24 MB idle.
+        match jobs.try_send(Box::new(job)) {
             Ok(()) => None,
             Err(TrySendError::Full(job)) => Some((job.request, ApiError::Overloaded)),
             Err(TrySendError::Disconnected(job)) => Some((job.request, ApiError::ShuttingDown)),

@@ -208,7 +208,7 @@ fn start_workers(
     llm: &LlmClient,
     metrics: &Arc<Metrics>,
     tenants: &Tenants,
-    jobs: handoff::BoundedReceiver<Job>,
+    jobs: handoff::BoundedReceiver<Box<Job>>,
 ) -> Result<Pool, StartError> {
     let handlers: Vec<_> = (0..config.server.max_concurrent_requests)
         .map(|_| {
@@ -220,7 +220,7 @@ fn start_workers(
                 Arc::clone(metrics),
                 tenants.clone(),
             );
-            move |job: Job| handler.run(job)
+            move |job: Box<Job>| handler.run(*job)
         })
         .collect();
     Pool::start(jobs, handlers).map_err(StartError::Thread)
