@@ -262,6 +262,31 @@ fn a_response_head_up_to_16_kib_is_read_and_a_longer_one_is_a_502() {
     assert!(stored_messages(&work.db(), "too-big").is_empty());
 }
 
+#[test]
+fn a_prompt_and_a_reply_larger_than_the_upstream_buffers_go_through_whole() {
+    // Each worker's upstream buffers start at 4 KiB and grow to 32 KiB in, 16 KiB out: a
+    // 40,000-character question is several writes, and its 120,000-character answer several
+    // reads, both after the buffers have grown as far as they go.
+    let upstream = FakeUpstream::start(Box::new(|_, seen| {
+        let question = seen.messages().last().map(|(_, text)| text.clone());
+        (200, completion(&question.unwrap_or_default().repeat(3)))
+    }));
+    let work = Workdir::new();
+    let llm = openai_llm(upstream.addr, "max_retries = 0\n");
+    let server = work.serve(&format!("[history]\nsystem_prompt = \"\"\n\n{llm}"));
+    let question: String = (0..40_000)
+        .map(|i| (b'a' + (i % 26) as u8) as char)
+        .collect();
+    for _ in 0..2 {
+        let answered = send(server.addr, "long", &question);
+        assert_eq!(answered.status, 200, "{}", answered.text());
+        assert_eq!(answered.json()["reply"], question.repeat(3));
+    }
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].messages(), pairs(&[("user", &question)]));
+}
+
 /// The contents of the earlier messages in the last prompt the upstream saw.
 fn last_history(upstream: &FakeUpstream) -> Vec<String> {
     let seen = upstream.seen();

@@ -8,6 +8,7 @@
 //! a `Retry-After` or a configured duration, is clamped before it meets a clock.
 
 mod breaker;
+mod buffers;
 pub mod cancel;
 mod connect;
 pub mod mock;
@@ -241,10 +242,11 @@ struct Endpoint {
     connect_timeout: Duration,
 }
 
-/// The buffers of a worker's upstream connection, zeroed (so resident) when first used and kept
-/// with the connection. ureq's defaults, 128 KiB each, made 1,024 busy workers take 365 MB
-/// instead of 157 (README, Memory); a response head must fit the input buffer, and is refused
-/// past [`UPSTREAM_MAX_HEAD`], 16 KiB as for a client's request head.
+/// The most a worker's upstream connection's buffers grow to (they start at 4 KiB: see
+/// `buffers`), kept with the connection. ureq's defaults, 128 KiB each and taken whole at the
+/// first call, made 1,024 busy workers take 365 MB instead of 157 (README, Memory); a response
+/// head must fit the input buffer, and is refused past [`UPSTREAM_MAX_HEAD`], 16 KiB as for a
+/// client's request head.
 const UPSTREAM_INPUT_BUFFER: usize = 32 << 10;
 const UPSTREAM_OUTPUT_BUFFER: usize = 16 << 10;
 const UPSTREAM_MAX_HEAD: usize = 16 << 10;

@@ -13,6 +13,7 @@
 //! [`CachedResolver`] keeps the answer for [`RESOLVED_FOR`]: a host name in `base_url` costs a
 //! lookup twice a minute, not one per call.
 
+use super::buffers::GrowingBuffers;
 use super::cancel::{Cancel, SLICE};
 use super::connect;
 use parking_lot::Mutex;
@@ -25,9 +26,7 @@ use std::time::{Duration, Instant};
 use ureq::config::Config;
 use ureq::http::Uri;
 use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
-use ureq::unversioned::transport::{
-    Buffers, ConnectionDetails, Connector, LazyBuffers, NextTimeout, Transport,
-};
+use ureq::unversioned::transport::{Buffers, ConnectionDetails, Connector, NextTimeout, Transport};
 
 /// How long a resolved address is used before the host is looked up again.
 const RESOLVED_FOR: Duration = Duration::from_secs(30);
@@ -167,7 +166,7 @@ impl Connector<()> for SlicedConnector {
         let config = details.config;
         Ok(Some(SlicedTransport {
             stream,
-            buffers: LazyBuffers::new(config.input_buffer_size(), config.output_buffer_size()),
+            buffers: GrowingBuffers::new(config.input_buffer_size(), config.output_buffer_size()),
             slot: Arc::clone(&self.slot),
             read_timeout: None,
             write_timeout: None,
@@ -186,7 +185,7 @@ impl fmt::Debug for SlicedConnector {
 /// One connection to the upstream.
 pub(crate) struct SlicedTransport {
     stream: TcpStream,
-    buffers: LazyBuffers,
+    buffers: GrowingBuffers,
     slot: Arc<CallSlot>,
     // What the socket's timeouts are set to, so they are set only when they change.
     read_timeout: Option<Duration>,
@@ -242,6 +241,7 @@ impl SlicedTransport {
                 Err(e) => return Err(e.into()),
             }
         }
+        self.buffers.sent(amount);
         Ok(())
     }
 }
