@@ -20,8 +20,28 @@ use crate::request::{Piece, Reply};
 use crate::util::{AnswerReceiver, RefinedTcpStream, Unanswered};
 use crate::Request;
 
-/// How often a connection waiting for an answer looks whether its client has hung up.
-const WATCH_EVERY: Duration = Duration::from_millis(50);
+/// How soon a connection waiting for an answer first looks whether its client has hung up, and
+/// the longest it waits between two looks: the wait doubles from one to the other, so an answer
+/// that takes a second costs four looks rather than twenty (on a busy server, thousands of
+/// wake-ups a second), while a hang-up is still seen within [`WATCH_AT_MOST`].
+const WATCH_FIRST: Duration = Duration::from_millis(50);
+const WATCH_AT_MOST: Duration = Duration::from_millis(400);
+
+/// The waits between looks at a waiting client's socket: [`WATCH_FIRST`], doubling up to
+/// [`WATCH_AT_MOST`].
+struct Watch(Duration);
+
+impl Watch {
+    fn new() -> Watch {
+        Watch(WATCH_FIRST)
+    }
+
+    fn next(&mut self) -> Duration {
+        let wait = self.0;
+        self.0 = (wait * 2).min(WATCH_AT_MOST);
+        wait
+    }
+}
 
 /// What a client may still send after a refusal or an unread body, read and dropped before
 /// the close, and for how long: closing a socket with unread data resets the connection, and
@@ -125,17 +145,18 @@ impl ClientConnection {
         Ok((request, answer, keep_alive))
     }
 
-    /// Waits for the answer, looking every [`WATCH_EVERY`] whether the client has hung up;
-    /// `None` if it has.
+    /// Waits for the answer, looking now and then (see [`Watch`]) whether the client has hung
+    /// up; `None` if it has.
     ///
     /// From the first look until the answer comes the socket stays non-blocking, so each look
-    /// is one peek (switching the mode for every look was two more system calls, 40 a second
-    /// of waiting); an answer that comes within the first [`WATCH_EVERY`] costs no look at all.
+    /// is one peek (switching the mode for every look was two more system calls a look); an
+    /// answer that comes within [`WATCH_FIRST`] costs no look at all.
     fn wait(&mut self, answer: &AnswerReceiver<Reply>, hangup: &AtomicBool) -> Option<Reply> {
         let socket = self.reader.get_ref();
         let mut looking = false;
+        let mut watch = Watch::new();
         let reply = loop {
-            match answer.recv_timeout(WATCH_EVERY) {
+            match answer.recv_timeout(watch.next()) {
                 Ok(reply) => break Some(reply),
                 Err(Unanswered::Disconnected) => break None,
                 Err(Unanswered::Timeout) => {
@@ -186,8 +207,9 @@ impl ClientConnection {
         if let Written::Failed = self.write(head) {
             return Written::Failed;
         }
+        let mut watch = Watch::new();
         loop {
-            let sent = match pieces.recv_timeout(WATCH_EVERY) {
+            let sent = match pieces.recv_timeout(watch.next()) {
                 Ok(Piece::Data(data)) if chunked => write!(self.writer, "{:x}\r\n", data.len())
                     .and_then(|()| self.writer.write_all(&data))
                     .and_then(|()| self.writer.write_all(b"\r\n")),
@@ -201,6 +223,7 @@ impl ClientConnection {
             if sent.and_then(|()| self.writer.flush()).is_err() {
                 return Written::Failed;
             }
+            watch = Watch::new();
         }
     }
 
@@ -229,5 +252,17 @@ impl ClientConnection {
                 Ok(n) => drained += n,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_waits_between_looks_double_from_the_first_to_the_longest() {
+        let mut watch = Watch::new();
+        let waits: Vec<u64> = (0..6).map(|_| watch.next().as_millis() as u64).collect();
+        assert_eq!(waits, [50, 100, 200, 400, 400, 400]);
     }
 }
