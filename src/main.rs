@@ -102,10 +102,41 @@ fn bound_malloc_arenas() {
     }
 }
 
+/// The tunables chatpool gives glibc's malloc when `GLIBC_TUNABLES` is not set: per-thread
+/// caches for allocations of at most 64 bytes, not glibc's 1,032.
+const MALLOC_TUNABLES: &str = "glibc.malloc.tcache_max=64";
+
+/// Runs the process again with [`MALLOC_TUNABLES`], unless `GLIBC_TUNABLES` is set; call first.
+///
+/// Each thread's cache keeps up to seven freed chunks of every size it covers for the thread's
+/// next allocations. A request frees chunks of dozens of sizes on its worker's thread and on
+/// its client connection's, so with 1,024 busy workers and as many connections the caches
+/// held about 27 MB, a fifth of the process, memory that no other thread could use (README,
+/// Memory). Capped at 64 bytes they hold almost nothing, and the smallest allocations, the
+/// most frequent, still take no lock. glibc reads its tunables only as a process starts, hence
+/// the exec; should it fail, chatpool runs on with glibc's defaults.
+fn bound_thread_caches() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("GLIBC_TUNABLES").is_none() {
+        use std::os::unix::process::CommandExt;
+        let mut args = std::env::args_os();
+        let mut again = std::process::Command::new("/proc/self/exe");
+        if let Some(name) = args.next() {
+            again.arg0(name);
+        }
+        // exec returns only on failure, and then nothing is lost but the smaller caches.
+        let _ = again
+            .args(args)
+            .env("GLIBC_TUNABLES", MALLOC_TUNABLES)
+            .exec();
+    }
+}
+
 /// Exit status for a configuration or start-up problem, as for a usage error.
 const EXIT_BAD_START: u8 = 2;
 
 fn main() -> ExitCode {
+    bound_thread_caches();
     bound_malloc_arenas();
     let cli = Cli::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();

@@ -72,6 +72,37 @@ fn threads_are_one_acceptor_and_exactly_the_configured_workers() {
     );
 }
 
+/// The value of `name` in the environment the process `pid` was started with.
+fn started_with(pid: u32, name: &str) -> Option<String> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let prefix = format!("{name}=");
+    environ.split(|&b| b == 0).find_map(|entry| {
+        let entry = String::from_utf8_lossy(entry);
+        entry.strip_prefix(&prefix).map(str::to_string)
+    })
+}
+
+#[test]
+fn malloc_keeps_its_per_thread_caches_small_unless_the_operator_tunes_it() {
+    let work = Workdir::new();
+    let server = work.spawn("");
+    assert_eq!(send(server.addr, "c", "hi").status, 200);
+    // chatpool runs itself again with its own tunables only when none are set.
+    if std::env::var_os("GLIBC_TUNABLES").is_none() {
+        assert_eq!(
+            started_with(server.pid(), "GLIBC_TUNABLES").as_deref(),
+            Some("glibc.malloc.tcache_max=64")
+        );
+    }
+    let other = Workdir::new();
+    let tuned = other.spawn_with_env("", &[("GLIBC_TUNABLES", "glibc.malloc.tcache_count=2")]);
+    assert_eq!(send(tuned.addr, "c", "hi").status, 200);
+    assert_eq!(
+        started_with(tuned.pid(), "GLIBC_TUNABLES").as_deref(),
+        Some("glibc.malloc.tcache_count=2")
+    );
+}
+
 /// Runs chatpool expecting it to refuse to start: its exit code and stderr, or -1 if it was
 /// still running (serving) after 20 s and had to be killed.
 fn start_failure(args: &[&str]) -> (i32, String) {
