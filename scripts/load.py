@@ -277,22 +277,23 @@ def read_latencies(out_dir):
     return {s: sorted(v) for s, v in by_status.items()}, sorted(done_2xx)
 
 
-def steady_rate(done_us, latency_ms):
-    """2xx a second once the closed loop is running: over the span from 1.5 upstream latencies
-    after the first response to half a latency before the last.
+def steady_rate(done_us, wave):
+    """2xx a second once the closed loop is running: the answers between the middle of the
+    second wave and the middle of the last whole one, over the time between them.
 
-    Every connection starts at once, so nothing can finish in the first latency, and with a
-    fixed upstream latency the responses come in waves one latency apart; a whole-run rate
-    (count over duration) then loses up to a whole wave at each end, which at 1 s latency in
-    a 15 s run is 7 % of the answer. Window edges half a wave away from the waves avoid that."""
-    if not done_us:
+    Every connection starts at once, and with a fixed upstream latency the answers come in
+    waves of `wave` (every busy worker answering once) one cycle apart, each wave some tenths
+    of a second wide. Timing from the a-th answer to the b-th, b - a a whole number of waves,
+    counts whole waves over whole cycles whatever the waves' width and wherever the run ends.
+    (A window with edges at fixed times, 1.5 latencies after the first answer to half a
+    latency before the last, did not: its end moved with the width of the last wave and with
+    whether a next one had begun, and read 0.91 to 0.997 for runs whose waves came at the
+    same pace.)"""
+    waves = len(done_us) // wave
+    if wave < 2 or waves < 4:
         return None
-    start = done_us[0] + 1500 * latency_ms
-    end = done_us[-1] - 500 * latency_ms
-    if end - start < 2000 * latency_ms:
-        return None
-    inside = sum(1 for t in done_us if start < t <= end)
-    return inside / ((end - start) / 1e6)
+    a, b = wave + wave // 2, (waves - 1) * wave + wave // 2
+    return (b - a) / ((done_us[b] - done_us[a]) / 1e6)
 
 
 def write_config(work, workers, mock_addr):
@@ -376,7 +377,7 @@ def run_phase(binary, name, connections, args, work):
     if sc.latency_ms:
         limit = sc.workers / (sc.latency_ms / 1000)
         row["efficiency"] = round(len(ok) / elapsed / limit, 3)
-        steady = steady_rate(done_2xx, sc.latency_ms)
+        steady = steady_rate(done_2xx, min(connections, sc.workers))
         row["efficiency_steady"] = round(steady / limit, 3) if steady else None
     return row
 
