@@ -146,33 +146,20 @@ impl ClientConnection {
     }
 
     /// Waits for the answer, looking now and then (see [`Watch`]) whether the client has hung
-    /// up; `None` if it has.
-    ///
-    /// From the first look until the answer comes the socket stays non-blocking, so each look
-    /// is one peek (switching the mode for every look was two more system calls a look); an
-    /// answer that comes within [`WATCH_FIRST`] costs no look at all.
+    /// up; `None` if it has. An answer that comes within [`WATCH_FIRST`] costs no look at all.
     fn wait(&mut self, answer: &AnswerReceiver<Reply>, hangup: &AtomicBool) -> Option<Reply> {
-        let socket = self.reader.get_ref();
-        let mut looking = false;
         let mut watch = Watch::new();
-        let reply = loop {
+        loop {
             match answer.recv_timeout(watch.next()) {
-                Ok(reply) => break Some(reply),
-                Err(Unanswered::Disconnected) => break None,
-                Err(Unanswered::Timeout) => {
-                    looking = looking || socket.set_nonblocking(true).is_ok();
-                    if looking && socket.hung_up_nonblocking() {
-                        hangup.store(true, Ordering::SeqCst);
-                        break None;
-                    }
+                Ok(reply) => return Some(reply),
+                Err(Unanswered::Disconnected) => return None,
+                Err(Unanswered::Timeout) if self.reader.get_ref().hung_up() => {
+                    hangup.store(true, Ordering::SeqCst);
+                    return None;
                 }
+                Err(Unanswered::Timeout) => {}
             }
-        };
-        // The answer is written, and the next request read, in blocking mode.
-        if looking && socket.set_nonblocking(false).is_err() {
-            return None;
         }
-        reply
     }
 
     fn write(&mut self, bytes: &[u8]) -> Written {

@@ -45,17 +45,6 @@ impl RefinedTcpStream {
         self.stream.hung_up()
     }
 
-    /// [`RefinedTcpStream::hung_up`] while the socket is non-blocking (see
-    /// [`RefinedTcpStream::set_nonblocking`]): one peek.
-    pub(crate) fn hung_up_nonblocking(&self) -> bool {
-        self.stream.hung_up_nonblocking()
-    }
-
-    /// Sets the socket non-blocking, or back; both halves share the setting.
-    pub(crate) fn set_nonblocking(&self, on: bool) -> IoResult<()> {
-        self.stream.set_nonblocking(on)
-    }
-
     pub(crate) fn peer_addr(&mut self) -> IoResult<Option<SocketAddr>> {
         self.stream.peer_addr()
     }
