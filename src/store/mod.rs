@@ -598,6 +598,30 @@ impl Store {
             .query_row("PRAGMA data_version", [], |r| r.get(0))?)
     }
 
+    /// Stores the usage gathered and a batch of exchanges in one transaction, every message
+    /// stamped with the one time it returns beside each exchange's reply id. One transaction
+    /// rather than three (the time, the usage, the exchanges) takes SQLite's locks once per
+    /// batch. On an error nothing is stored, and the caller can store each part on its own.
+    pub fn commit_batch(
+        &mut self,
+        spends: &usage::Spends,
+        batch: &[Exchange],
+    ) -> Result<(String, Vec<i64>), StoreError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let now: String = tx
+            .prepare_cached(&format!("SELECT {NOW}"))?
+            .query_row([], |r| r.get(0))?;
+        usage::upsert_usage(&tx, spends)?;
+        let ids = batch
+            .iter()
+            .map(|exchange| insert_exchange(&tx, exchange, &now))
+            .collect::<Result<Vec<_>, _>>()?;
+        tx.commit()?;
+        Ok((now, ids))
+    }
+
     fn commit_all(&mut self, batch: &[Exchange], now: &str) -> Result<Vec<i64>, StoreError> {
         let tx = self
             .conn

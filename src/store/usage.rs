@@ -16,7 +16,7 @@
 
 use super::{Store, StoreError};
 use crate::tenants::day::Day;
-use rusqlite::{params, TransactionBehavior};
+use rusqlite::{params, Connection, TransactionBehavior};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
@@ -275,32 +275,36 @@ fn count(n: i64) -> u64 {
     u64::try_from(n).unwrap_or(0)
 }
 
+/// Adds each key's counts to its row, inside the caller's transaction.
+pub(super) fn upsert_usage(conn: &Connection, spends: &Spends) -> Result<(), StoreError> {
+    let mut upsert = conn.prepare_cached(
+        "INSERT INTO usage (tenant, day, model, requests, prompt_tokens, completion_tokens)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (tenant, day, model) DO UPDATE SET
+             requests = requests + excluded.requests,
+             prompt_tokens = prompt_tokens + excluded.prompt_tokens,
+             completion_tokens = completion_tokens + excluded.completion_tokens",
+    )?;
+    for ((tenant, day, model), counts) in &spends.0 {
+        upsert.execute(params![
+            tenant,
+            day.to_string(),
+            model,
+            stored(counts.requests),
+            stored(counts.prompt_tokens),
+            stored(counts.completion_tokens)
+        ])?;
+    }
+    Ok(())
+}
+
 impl Store {
     /// Adds each key's counts to its row, in one transaction. Only the writer adds.
     pub(super) fn add_usage(&mut self, spends: &Spends) -> Result<(), StoreError> {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        {
-            let mut upsert = tx.prepare_cached(
-                "INSERT INTO usage (tenant, day, model, requests, prompt_tokens, completion_tokens)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (tenant, day, model) DO UPDATE SET
-                     requests = requests + excluded.requests,
-                     prompt_tokens = prompt_tokens + excluded.prompt_tokens,
-                     completion_tokens = completion_tokens + excluded.completion_tokens",
-            )?;
-            for ((tenant, day, model), counts) in &spends.0 {
-                upsert.execute(params![
-                    tenant,
-                    day.to_string(),
-                    model,
-                    stored(counts.requests),
-                    stored(counts.prompt_tokens),
-                    stored(counts.completion_tokens)
-                ])?;
-            }
-        }
+        upsert_usage(&tx, spends)?;
         tx.commit()?;
         Ok(())
     }

@@ -233,11 +233,26 @@ impl Committer {
         self.commit();
     }
 
-    /// Stores the tally, then the batch: a worker adds its usage before it hands over the
-    /// exchange (or task) that waits on this commit.
+    /// Stores the tally and the batch together: a worker adds its usage before it hands over
+    /// the exchange (or task) that waits on this commit. Should that one transaction fail,
+    /// each is tried again on its own, so that the usage, or an exchange, that can be stored
+    /// is not lost with one that cannot.
     fn commit(&mut self) {
-        let _ = self.store_usage();
-        self.batch.commit(&mut self.store, &self.recent);
+        if self.batch.exchanges.is_empty() {
+            let _ = self.store_usage();
+            return;
+        }
+        let spends = self.tally.take();
+        match self.store.commit_batch(&spends, &self.batch.exchanges) {
+            Ok((now, ids)) => self
+                .batch
+                .answer(&self.recent, ids.into_iter().map(Ok), &now),
+            Err(_) => {
+                self.tally.put_back(spends);
+                let _ = self.store_usage();
+                self.batch.commit(&mut self.store, &self.recent);
+            }
+        }
     }
 
     /// Adds the whole tally to the usage rows in one transaction. What cannot be stored is
@@ -267,20 +282,32 @@ struct Batch {
 }
 
 impl Batch {
-    /// Commits the exchanges in one transaction, extends the windows kept in memory with them,
-    /// and answers each waiting worker.
+    /// Commits the exchanges, in one transaction unless one of them is refused, extends the
+    /// windows kept in memory with them, and answers each waiting worker.
     fn commit(&mut self, store: &mut Store, recent: &Recent) {
-        if self.exchanges.is_empty() {
-            return;
+        match store.now() {
+            Ok(now) => {
+                let results = store.append_batch_at(&self.exchanges, &now);
+                self.answer(recent, results.into_iter(), &now);
+            }
+            Err(e) => {
+                let results: Vec<_> = self.exchanges.iter().map(|_| Err(e.clone())).collect();
+                self.answer(recent, results.into_iter(), "");
+            }
         }
-        let now = store.now();
-        let results = match &now {
-            Ok(now) => store.append_batch_at(&self.exchanges, now),
-            Err(e) => self.exchanges.iter().map(|_| Err(e.clone())).collect(),
-        };
+    }
+
+    /// Answers each waiting worker with its exchange's result, in order, and extends the
+    /// windows kept in memory with those stored at `now`.
+    fn answer(
+        &mut self,
+        recent: &Recent,
+        results: impl Iterator<Item = Result<i64, StoreError>>,
+        now: &str,
+    ) {
         let answered = self.waiting.drain(..).zip(self.exchanges.drain(..));
         for ((done, exchange), result) in answered.zip(results) {
-            if let (Ok(id), Ok(now)) = (&result, &now) {
+            if let Ok(id) = &result {
                 remember(recent, exchange, *id, now);
             }
             done.send(result);
@@ -326,6 +353,7 @@ fn checkpoint_until_stopped(mut store: Store, every: Duration, stop: Receiver<()
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::handoff::Awaited;
     use crate::store::DEFAULT_TENANT;
 
     fn recent() -> Arc<Recent> {
@@ -375,6 +403,114 @@ mod tests {
             .unwrap();
         assert_eq!(newest.len(), 50);
         assert_eq!(newest[0].content, "a24");
+    }
+
+    fn committer(path: &Path) -> Committer {
+        Committer {
+            store: Store::open(path, Synchronous::Normal).unwrap(),
+            recent: recent(),
+            tally: Arc::new(Tally::default()),
+            data_version: None,
+            batch: Batch::default(),
+        }
+    }
+
+    fn exchange(user: &str, key: Option<&str>) -> Exchange {
+        Exchange {
+            tenant: DEFAULT_TENANT.into(),
+            chat_id: "c".into(),
+            user: user.into(),
+            reply: "r".into(),
+            model: "m".into(),
+            usage: None,
+            idempotency_key: key.map(str::to_string),
+        }
+    }
+
+    fn spend(prompt_tokens: u64) -> Spend {
+        Spend {
+            tenant: DEFAULT_TENANT.into(),
+            model: "m".into(),
+            day: crate::tenants::day::Day::parse("2026-12-01").unwrap(),
+            prompt_tokens,
+            completion_tokens: 1,
+        }
+    }
+
+    /// Queues `exchanges` into the committer's batch; the results, in order, once committed.
+    fn queue(
+        committer: &mut Committer,
+        exchanges: Vec<Exchange>,
+    ) -> Vec<Awaited<Result<i64, StoreError>>> {
+        exchanges
+            .into_iter()
+            .map(|exchange| {
+                let (done, result) = handoff::reply();
+                committer.batch.exchanges.push(exchange);
+                committer.batch.waiting.push(done);
+                result
+            })
+            .collect()
+    }
+
+    fn stored_usage(store: &Store) -> (u64, u64) {
+        let rows = store.usage(None, &Default::default()).unwrap();
+        rows.first()
+            .map_or((0, 0), |r| (r.requests, r.prompt_tokens))
+    }
+
+    #[test]
+    fn a_batch_and_the_tally_are_committed_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        let reader = Store::open_and_migrate(&path, Synchronous::Normal).unwrap();
+        let mut committer = committer(&path);
+        committer.tally.add(spend(5));
+        committer.tally.add(spend(7));
+        let results = queue(
+            &mut committer,
+            vec![exchange("a", None), exchange("b", None)],
+        );
+        committer.commit();
+        let ids: Vec<i64> = results
+            .into_iter()
+            .map(|r| r.recv().unwrap().unwrap())
+            .collect();
+        assert_eq!(ids.len(), 2);
+        assert!(ids[0] < ids[1]);
+        assert_eq!(stored_usage(&reader), (2, 12));
+        assert!(committer.tally.take().is_empty());
+    }
+
+    #[test]
+    fn an_exchange_refused_in_a_batch_costs_neither_the_tally_nor_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        let reader = Store::open_and_migrate(&path, Synchronous::Normal).unwrap();
+        let mut committer = committer(&path);
+        committer.tally.add(spend(5));
+        // The second reuses the first's idempotency key in the same chat: the unique index
+        // refuses it, and with it the batch's one transaction.
+        let batch = vec![
+            exchange("a", Some("k")),
+            exchange("b", Some("k")),
+            exchange("c", None),
+        ];
+        let results = queue(&mut committer, batch);
+        committer.commit();
+        let results: Vec<_> = results.into_iter().map(|r| r.recv().unwrap()).collect();
+        assert!(results[0].is_ok(), "{results:?}");
+        assert!(
+            matches!(results[1], Err(StoreError::Constraint(_))),
+            "{results:?}"
+        );
+        assert!(results[2].is_ok(), "{results:?}");
+        assert_eq!(stored_usage(&reader), (1, 5));
+        let window = reader
+            .history_window(DEFAULT_TENANT, "c", 10, usize::MAX)
+            .unwrap();
+        let newest_first: Vec<_> = window.iter().map(|m| m.content.as_str()).collect();
+        assert_eq!(newest_first, ["r", "c", "r", "a"]);
     }
 
     #[test]
