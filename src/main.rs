@@ -6,13 +6,14 @@ use chatpool::config::Config;
 use chatpool::mock_llm::{self, MockOptions};
 use chatpool::server::Server;
 use chatpool::store::usage::{self, GroupBy, UsageQuery};
-use chatpool::store::{transfer, Store};
+use chatpool::store::{transfer, Store, Unstored};
 use chatpool::tenants::day::Day;
 use clap::{Parser, Subcommand};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 /// A chat backend for one machine: SQLite history, an OpenAI-compatible LLM, and a fixed pool
 /// of worker threads.
@@ -339,7 +340,7 @@ fn serve(config_path: Option<&Path>, listen: Option<String>, workers: Option<usi
     if let Some(signal) = signals.forever().next() {
         log::info!("signal {signal}: draining (a second signal exits at once)");
     }
-    exit_on_second_signal(signals);
+    exit_on_second_signal(signals, server.unstored_usage());
     let report = server.shutdown();
     if report.drained {
         log::info!("drained; exiting");
@@ -351,13 +352,18 @@ fn serve(config_path: Option<&Path>, listen: Option<String>, workers: Option<usi
 
 /// Ends the process at the next signal: an operator who presses Ctrl-C again during the drain
 /// wants it over now, not after `shutdown_grace_secs`. What was acknowledged is in the database
-/// already; the requests still running get no answer. Exits 128 + the signal, as a shell does.
-fn exit_on_second_signal(mut signals: Signals) {
+/// already, but for the usage counted since the writer's last store, which is stored first
+/// (waiting a second at most for the database); the requests still running get no answer.
+/// Exits 128 + the signal, as a shell does.
+fn exit_on_second_signal(mut signals: Signals, unstored: Unstored) {
     let watcher = std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             if let Some(signal) = signals.forever().next() {
                 log::warn!("signal {signal} again: exiting now, without finishing the drain");
+                if let Err(e) = unstored.store(Duration::from_secs(1)) {
+                    log::warn!("the usage counted since the last store is lost: {e}");
+                }
                 std::process::exit(128 + signal);
             }
         });

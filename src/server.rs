@@ -21,7 +21,9 @@ use crate::llm::LlmClient;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::readiness::Readiness;
-use crate::store::{Readers, Recent, Store, StoreError, Writer, MAX_READERS, READ_CACHE_KIB};
+use crate::store::{
+    Readers, Recent, Store, StoreError, Unstored, Writer, MAX_READERS, READ_CACHE_KIB,
+};
 use crate::tenants::day::Day;
 use crate::tenants::Tenants;
 use std::fmt;
@@ -76,6 +78,7 @@ pub struct Server {
     /// workers do, the writer thread outlives the process's last moments, and the usage the
     /// workers counted but the writer has not yet stored would go with them.
     usage: Writer,
+    unstored: Unstored,
     control: Arc<Control>,
     grace: Duration,
 }
@@ -156,10 +159,19 @@ impl Server {
             readiness: readiness_thread,
             pool,
             writer: storage.writer_thread,
+            unstored: storage
+                .writer
+                .unstored(&config.storage.path, config.storage.synchronous),
             usage: storage.writer,
             control,
             grace: Duration::from_secs(config.server.shutdown_grace_secs),
         })
+    }
+
+    /// A handle that stores the usage counted but not yet stored, for an exit that cannot
+    /// wait for [`Server::shutdown`].
+    pub fn unstored_usage(&self) -> Unstored {
+        self.unstored.clone()
     }
 
     /// The address actually bound (useful with port 0).

@@ -709,3 +709,41 @@ fn merged_twice_doubles(report: &[u8], rows: &[Value]) {
         }
     }
 }
+
+#[test]
+fn a_second_signal_during_a_drain_still_stores_the_usage_of_relays_answered_before() {
+    let upstream = ThreadedUpstream::start(|body| {
+        if body.contains("hang") {
+            Answer::Hang
+        } else {
+            Answer::Keep(http_200(&completion("x")))
+        }
+    });
+    let work = Workdir::new();
+    let config = openai_llm(upstream.addr, "");
+    let mut server = work.spawn(&config);
+    let addr = server.addr;
+    let hanging = json!({"model": "m", "messages": [{"role": "user", "content": "hang"}]});
+    let mut held = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        held,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{hanging}",
+        hanging.to_string().len()
+    )
+    .unwrap();
+    assert!(eventually(Duration::from_secs(10), || {
+        get(addr, "/status").json()["workers_busy"] == 1
+    }));
+    for _ in 0..10 {
+        assert_eq!(
+            post(addr, "/v1/chat/completions", &relay_body()).status,
+            200
+        );
+    }
+    server.signal(libc::SIGTERM);
+    assert!(eventually(Duration::from_secs(10), || server.log_shows("draining")));
+    server.signal(libc::SIGINT);
+    let status = server.wait(Duration::from_secs(20)).expect("exited");
+    assert_eq!(status.code(), Some(130), "{}", server.log());
+    assert_eq!(first_row(&operator_usage(&work.config(&config))), (10, 90));
+}

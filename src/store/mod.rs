@@ -162,7 +162,7 @@ pub use memory::{sqlite_memory, SqliteMemory};
 pub use readers::{Reader, Readers, MAX_READERS, READ_CACHE_KIB};
 pub use recent::{Recent, WATCH_EVERY};
 pub use responses::{Conversation, Item, ItemPage, NewItem, NewResponse, Order, StoredResponse};
-pub use writer::Writer;
+pub use writer::{Unstored, Writer};
 
 /// What can go wrong with the database.
 #[derive(Debug, Clone)]

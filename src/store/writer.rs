@@ -27,7 +27,7 @@ use super::{Cause, Exchange, Message, Recent, Store, StoreError, WATCH_EVERY};
 use crate::config::Synchronous;
 use crate::handoff::{self, Received, Reply};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -123,6 +123,16 @@ impl Writer {
         self.tally.add(spend);
     }
 
+    /// A handle that stores, from any thread and without this one, the usage the tally holds
+    /// when it is called; for the database at `path`, the one this writer writes.
+    pub fn unstored(&self, path: &Path, sync: Synchronous) -> Unstored {
+        Unstored {
+            tally: Arc::clone(&self.tally),
+            path: path.to_path_buf(),
+            sync,
+        }
+    }
+
     /// Stores the usage added so far and returns once it is committed, so that a read sees
     /// every call answered before.
     pub fn flush_usage(&self) -> Result<(), StoreError> {
@@ -160,6 +170,34 @@ impl Writer {
         let gone = || StoreError::Unavailable(Cause::message("the writer thread has stopped"));
         self.pending.send(pending).map_err(|_| gone())?;
         result.recv().ok_or_else(gone)?
+    }
+}
+
+/// The usage counted but not yet stored, for a process about to end before the writer thread
+/// can store it (a second signal during a drain).
+#[derive(Clone)]
+pub struct Unstored {
+    tally: Arc<Tally>,
+    path: PathBuf,
+    sync: Synchronous,
+}
+
+impl Unstored {
+    /// Stores whatever the tally holds now, on a connection of its own: the writer thread may
+    /// be in the middle of a batch. Waits at most `within` for SQLite's write lock, so that an
+    /// exit asked for at once comes soon whatever the database is doing.
+    pub fn store(&self, within: Duration) -> Result<(), StoreError> {
+        let spends = self.tally.take();
+        if spends.is_empty() {
+            return Ok(());
+        }
+        let mut store = Store::open(&self.path, self.sync)?;
+        store.conn.busy_timeout(within)?;
+        let stored = store.add_usage(&spends);
+        if stored.is_err() {
+            self.tally.put_back(spends);
+        }
+        stored
     }
 }
 
