@@ -85,27 +85,29 @@ fn parse_group_by(text: &str) -> Result<GroupBy, String> {
     GroupBy::parse(text).ok_or_else(|| "expected `day` or `model`".into())
 }
 
-/// Caps glibc's malloc at one arena per core, unless `MALLOC_ARENA_MAX` says otherwise; call
+/// Caps glibc's malloc at four arenas per core, unless `MALLOC_ARENA_MAX` says otherwise; call
 /// before any thread starts.
 ///
-/// glibc gives threads up to eight arenas per core, each holding on to its own free memory.
-/// With 16 workers and their client connections that is 16 arenas on 2 cores, each growing
-/// slowly to its own high-water mark; at 200 requests a second the process ended 2.5 MB
-/// smaller after 4 minutes with 2 arenas, and grew half as fast (README, Memory). Threads
-/// contend for an arena's lock only while running at once, so one per core keeps that rare.
+/// glibc gives threads up to eight arenas per core, each holding on to its own free memory and
+/// growing slowly to its own high-water mark. Fewer arenas hold less, but every allocation the
+/// per-thread caches (below) do not serve takes its arena's lock, and a thread descheduled while
+/// holding it makes the others sleep on it: with one arena per core, a chat POST paid about 5
+/// more futex calls than with four (`scripts/load.py overhead`: 17.1 against 10.2), for the
+/// same memory at the scale load (README, Memory).
 fn bound_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let arenas = libc::c_int::try_from(cores.max(2)).unwrap_or(libc::c_int::MAX);
+        let arenas =
+            libc::c_int::try_from(cores.max(2).saturating_mul(4)).unwrap_or(libc::c_int::MAX);
         // SAFETY: no other thread exists yet, and mallopt only sets a tunable.
         unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) };
     }
 }
 
 /// The tunables chatpool gives glibc's malloc when `GLIBC_TUNABLES` is not set: per-thread
-/// caches for allocations of at most 64 bytes, not glibc's 1,032.
-const MALLOC_TUNABLES: &str = "glibc.malloc.tcache_max=64";
+/// caches for allocations of at most 256 bytes, not glibc's 1,032.
+const MALLOC_TUNABLES: &str = "glibc.malloc.tcache_max=256";
 
 /// Runs the process again with [`MALLOC_TUNABLES`], unless `GLIBC_TUNABLES` is set; call first.
 ///
@@ -113,8 +115,9 @@ const MALLOC_TUNABLES: &str = "glibc.malloc.tcache_max=64";
 /// next allocations. A request frees chunks of dozens of sizes on its worker's thread and on
 /// its client connection's, so with 1,024 busy workers and as many connections the caches
 /// held about 27 MB, a fifth of the process, memory that no other thread could use (README,
-/// Memory). Capped at 64 bytes they hold almost nothing, and the smallest allocations, the
-/// most frequent, still take no lock. glibc reads its tunables only as a process starts, hence
+/// Memory). Capped at 256 bytes they hold little, and the small allocations of a request's
+/// path (headers, ids, the hand-offs' slots) still take no lock: at 64 bytes, contention on the
+/// arenas' locks cost a relayed request one futex call more. glibc reads its tunables only as a process starts, hence
 /// the exec; should it fail, chatpool runs on with glibc's defaults.
 fn bound_thread_caches() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

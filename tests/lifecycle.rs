@@ -91,7 +91,7 @@ fn malloc_keeps_its_per_thread_caches_small_unless_the_operator_tunes_it() {
     if std::env::var_os("GLIBC_TUNABLES").is_none() {
         assert_eq!(
             started_with(server.pid(), "GLIBC_TUNABLES").as_deref(),
-            Some("glibc.malloc.tcache_max=64")
+            Some("glibc.malloc.tcache_max=256")
         );
     }
     let other = Workdir::new();

@@ -367,7 +367,9 @@ fn relay(content: &str) -> String {
 #[test]
 fn an_upstream_that_closes_after_every_answer_without_saying_so_is_reconnected_to() {
     // No `Connection: close`: the connection looks reusable, and only a look before the next
-    // call finds it closed. Without retries, a call sent on it would fail.
+    // call finds it closed. Without retries, a call sent on it would fail. Each call waits for
+    // the upstream to have closed the last one's connection: a close still on its way when the
+    // next call looks is no one's to see (a call sent then fails, as it would for any client).
     let upstream = ThreadedUpstream::start(|_| Answer::Close(http_200(&completion("ok"))));
     let work = Workdir::new();
     // One worker, so that every call after the first could take the same kept-alive connection.
@@ -379,8 +381,10 @@ fn an_upstream_that_closes_after_every_answer_without_saying_so_is_reconnected_t
             &relay(&format!("m{n}")),
         );
         assert_eq!(relayed.status, 200, "call {n}: {}", relayed.text());
+        assert!(eventually(Duration::from_secs(10), || upstream.closed() == 2 * n - 1));
         let sent = send(server.addr, "c", &format!("m{n}"));
         assert_eq!(sent.status, 200, "message {n}: {}", sent.text());
+        assert!(eventually(Duration::from_secs(10), || upstream.closed() == 2 * n));
     }
     assert_eq!(upstream.connections(), 60);
 }

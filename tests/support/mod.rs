@@ -777,6 +777,7 @@ pub struct ThreadedUpstream {
     pub addr: SocketAddr,
     connections: Arc<std::sync::atomic::AtomicUsize>,
     trailers: Arc<std::sync::atomic::AtomicUsize>,
+    closed: Arc<std::sync::atomic::AtomicUsize>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     thread: Option<thread::JoinHandle<()>>,
 }
@@ -806,9 +807,10 @@ impl ThreadedUpstream {
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicUsize::new(0));
         let trailers = Arc::new(AtomicUsize::new(0));
+        let closed = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (count, stopped) = (Arc::clone(&connections), Arc::clone(&stop));
-        let trailed = Arc::clone(&trailers);
+        let (trailed, shut) = (Arc::clone(&trailers), Arc::clone(&closed));
         let script = Arc::new(script);
         let thread = thread::spawn(move || {
             for stream in listener.incoming() {
@@ -818,13 +820,15 @@ impl ThreadedUpstream {
                 let Ok(stream) = stream else { continue };
                 count.fetch_add(1, Ordering::SeqCst);
                 let (script, trailed) = (Arc::clone(&script), Arc::clone(&trailed));
-                thread::spawn(move || serve_connection(stream, &*script, &trailed, stall));
+                let shut = Arc::clone(&shut);
+                thread::spawn(move || serve_connection(stream, &*script, &trailed, &shut, stall));
             }
         });
         ThreadedUpstream {
             addr,
             connections,
             trailers,
+            closed,
             stop,
             thread: Some(thread),
         }
@@ -833,6 +837,11 @@ impl ThreadedUpstream {
     /// Connections accepted so far.
     pub fn connections(&self) -> usize {
         self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Connections closed after an [`Answer::Close`] so far.
+    pub fn closed(&self) -> usize {
+        self.closed.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Trailing bytes of [`Answer::Trail`] written so far.
@@ -846,6 +855,7 @@ fn serve_connection(
     stream: TcpStream,
     script: &(impl Fn(&str) -> Answer + ?Sized),
     trailed: &std::sync::atomic::AtomicUsize,
+    closed: &std::sync::atomic::AtomicUsize,
     stall: Duration,
 ) {
     stream
@@ -885,6 +895,8 @@ fn serve_connection(
             }
             Answer::Close(bytes) => {
                 let _ = out.write_all(&bytes);
+                drop((out, reader));
+                closed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 return;
             }
             Answer::Trail(answer, trailer) => {
