@@ -460,16 +460,7 @@ fn usage_sums_the_upstream_s_counts_per_day_and_model_for_the_calling_tenant_onl
 
     // The operator's view: every tenant, from the database file.
     let cfg = work.config(&config);
-    let out = Command::new(BIN)
-        .args(["--config", cfg.to_str().unwrap(), "usage", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let all: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let all = operator_usage(&cfg);
     let rows = all["data"].as_array().unwrap();
     assert_eq!(rows.len(), 2, "{all}");
     for (row, name) in rows.iter().zip(["alice", "bob"]) {
@@ -479,7 +470,7 @@ fn usage_sums_the_upstream_s_counts_per_day_and_model_for_the_calling_tenant_onl
         assert_eq!(row["requests"], mine.len());
         assert_eq!(row["prompt_tokens"], prompt);
     }
-    merged_twice_doubles(&out.stdout, rows);
+    merged_twice_doubles(all.to_string().as_bytes(), rows);
     let out = Command::new(BIN)
         .args([
             "--config",
@@ -590,13 +581,34 @@ fn a_running_server_stores_relayed_usage_on_its_own_within_a_tick() {
     assert!(stored, "the database holds {seen:?}");
 }
 
-#[test]
-fn a_sigterm_right_after_relayed_calls_keeps_their_usage() {
-    let upstream = FakeUpstream::replying("x");
-    let work = Workdir::new();
-    let config = openai_llm(upstream.addr, "");
-    let mut server = work.spawn(&config);
-    let addr = server.addr;
+/// An upstream that answers every call but those asking to "hang", which it never answers.
+fn answer_all_but_hang(body: &str) -> Answer {
+    if body.contains("hang") {
+        Answer::Hang
+    } else {
+        Answer::Keep(http_200(&completion("x")))
+    }
+}
+
+/// Sends a relay the upstream never answers and returns once a worker holds it; the
+/// connection returned keeps it held.
+fn hold_a_worker_on_a_hanging_relay(addr: std::net::SocketAddr) -> std::net::TcpStream {
+    let hanging = json!({"model": "m", "messages": [{"role": "user", "content": "hang"}]});
+    let mut held = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        held,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{hanging}",
+        hanging.to_string().len()
+    )
+    .unwrap();
+    assert!(eventually(Duration::from_secs(10), || {
+        get(addr, "/status").json()["workers_busy"] == 1
+    }));
+    held
+}
+
+/// Four clients relaying ten calls each at once; every one must be answered 200.
+fn relay_40_calls_from_4_clients(addr: std::net::SocketAddr) {
     let clients: Vec<_> = (0..4)
         .map(|_| {
             thread::spawn(move || {
@@ -609,6 +621,16 @@ fn a_sigterm_right_after_relayed_calls_keeps_their_usage() {
     for client in clients {
         assert!(client.join().unwrap().iter().all(|&s| s == 200));
     }
+}
+
+#[test]
+fn a_sigterm_right_after_relayed_calls_keeps_their_usage() {
+    let upstream = FakeUpstream::replying("x");
+    let work = Workdir::new();
+    let config = openai_llm(upstream.addr, "");
+    let mut server = work.spawn(&config);
+    let addr = server.addr;
+    relay_40_calls_from_4_clients(addr);
     server.signal(libc::SIGTERM);
     let status = server.wait(Duration::from_secs(20)).expect("exited");
     assert_eq!(status.code(), Some(0), "{}", server.log());
@@ -624,13 +646,7 @@ fn a_drain_cut_short_by_its_grace_still_stores_the_usage_of_relays_answered_befo
     // One call hangs, so the drain ends with its grace (none here), before the workers return.
     // Every relay answered before the signal was counted, so its usage must be stored, not
     // left in the writer's tally for a tick that never comes.
-    let upstream = ThreadedUpstream::start(|body| {
-        if body.contains("hang") {
-            Answer::Hang
-        } else {
-            Answer::Keep(http_200(&completion("x")))
-        }
-    });
+    let upstream = ThreadedUpstream::start(answer_all_but_hang);
     let work = Workdir::new();
     let config = format!(
         "[server]\nshutdown_grace_secs = 0\n\n{}",
@@ -638,29 +654,8 @@ fn a_drain_cut_short_by_its_grace_still_stores_the_usage_of_relays_answered_befo
     );
     let mut server = work.spawn(&config);
     let addr = server.addr;
-    let hanging = json!({"model": "m", "messages": [{"role": "user", "content": "hang"}]});
-    let mut held = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        held,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{hanging}",
-        hanging.to_string().len()
-    )
-    .unwrap();
-    assert!(eventually(Duration::from_secs(10), || {
-        get(addr, "/status").json()["workers_busy"] == 1
-    }));
-    let clients: Vec<_> = (0..4)
-        .map(|_| {
-            thread::spawn(move || {
-                (0..10)
-                    .map(|_| post(addr, "/v1/chat/completions", &relay_body()).status)
-                    .collect::<Vec<_>>()
-            })
-        })
-        .collect();
-    for client in clients {
-        assert!(client.join().unwrap().iter().all(|&s| s == 200));
-    }
+    let _held = hold_a_worker_on_a_hanging_relay(addr);
+    relay_40_calls_from_4_clients(addr);
     server.signal(libc::SIGTERM);
     let status = server.wait(Duration::from_secs(20)).expect("exited");
     assert_eq!(status.code(), Some(0), "{}", server.log());
@@ -712,28 +707,12 @@ fn merged_twice_doubles(report: &[u8], rows: &[Value]) {
 
 #[test]
 fn a_second_signal_during_a_drain_still_stores_the_usage_of_relays_answered_before() {
-    let upstream = ThreadedUpstream::start(|body| {
-        if body.contains("hang") {
-            Answer::Hang
-        } else {
-            Answer::Keep(http_200(&completion("x")))
-        }
-    });
+    let upstream = ThreadedUpstream::start(answer_all_but_hang);
     let work = Workdir::new();
     let config = openai_llm(upstream.addr, "");
     let mut server = work.spawn(&config);
     let addr = server.addr;
-    let hanging = json!({"model": "m", "messages": [{"role": "user", "content": "hang"}]});
-    let mut held = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        held,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{hanging}",
-        hanging.to_string().len()
-    )
-    .unwrap();
-    assert!(eventually(Duration::from_secs(10), || {
-        get(addr, "/status").json()["workers_busy"] == 1
-    }));
+    let _held = hold_a_worker_on_a_hanging_relay(addr);
     for _ in 0..10 {
         assert_eq!(
             post(addr, "/v1/chat/completions", &relay_body()).status,

@@ -443,14 +443,19 @@ mod tests {
         assert_eq!(newest[0].content, "a24");
     }
 
-    fn committer(path: &Path) -> Committer {
-        Committer {
-            store: Store::open(path, Synchronous::Normal).unwrap(),
+    /// A committer on a fresh database, and a connection to read that database with.
+    fn committer_and_reader() -> (tempfile::TempDir, Store, Committer) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        let reader = Store::open_and_migrate(&path, Synchronous::Normal).unwrap();
+        let committer = Committer {
+            store: Store::open(&path, Synchronous::Normal).unwrap(),
             recent: recent(),
             tally: Arc::new(Tally::default()),
             data_version: None,
             batch: Batch::default(),
-        }
+        };
+        (dir, reader, committer)
     }
 
     fn exchange(user: &str, key: Option<&str>) -> Exchange {
@@ -499,10 +504,7 @@ mod tests {
 
     #[test]
     fn a_batch_and_the_tally_are_committed_together() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("w.db");
-        let reader = Store::open_and_migrate(&path, Synchronous::Normal).unwrap();
-        let mut committer = committer(&path);
+        let (_dir, reader, mut committer) = committer_and_reader();
         committer.tally.add(spend(5));
         committer.tally.add(spend(7));
         let results = queue(
@@ -522,10 +524,7 @@ mod tests {
 
     #[test]
     fn an_exchange_refused_in_a_batch_costs_neither_the_tally_nor_the_others() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("w.db");
-        let reader = Store::open_and_migrate(&path, Synchronous::Normal).unwrap();
-        let mut committer = committer(&path);
+        let (_dir, reader, mut committer) = committer_and_reader();
         committer.tally.add(spend(5));
         // The second reuses the first's idempotency key in the same chat: the unique index
         // refuses it, and with it the batch's one transaction.
@@ -557,20 +556,11 @@ mod tests {
         let path = dir.path().join("w.db");
         let reader = Store::open_and_migrate(&path, Synchronous::Normal).unwrap();
         let (writer, thread) = Writer::start(&path, Synchronous::Normal, None, recent()).unwrap();
-        let exchange = |user: &str| Exchange {
-            tenant: DEFAULT_TENANT.into(),
-            chat_id: "c".into(),
-            user: user.into(),
-            reply: "r".into(),
-            model: "m".into(),
-            usage: None,
-            idempotency_key: None,
-        };
-        writer.append(exchange("gone")).unwrap();
+        writer.append(exchange("gone", None)).unwrap();
         assert!(writer.delete(DEFAULT_TENANT, "c").unwrap());
         assert!(!writer.delete(DEFAULT_TENANT, "c").unwrap());
         assert!(!writer.delete("another tenant", "c").unwrap());
-        writer.append(exchange("new")).unwrap();
+        writer.append(exchange("new", None)).unwrap();
         drop(writer);
         thread.join().unwrap();
         let window = reader
