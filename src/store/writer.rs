@@ -10,9 +10,9 @@
 //! deletion goes the same way, in its place among the exchanges, in a transaction of its own.
 //! Usage (each LLM call's tokens, see [`super::usage`]) does not go through the queue: a worker
 //! adds it to a [`Tally`] in memory without waking this thread, and the thread stores the whole
-//! tally before the exchanges of each batch (so an exchange's answer also means its usage is
-//! stored), on its idle tick every [`WATCH_EVERY`], when `GET /v1/usage` asks (a barrier
-//! through the queue), and when it returns. A relay that stores nothing else thus hands over
+//! tally in the same transaction as each batch's exchanges (so an exchange's answer also means
+//! its usage is stored), on its idle tick every [`WATCH_EVERY`], when `GET /v1/usage` asks (a
+//! barrier through the queue), and when it returns. A relay that stores nothing else thus hands over
 //! nothing and waits for nothing; a crash loses at most the last tick's worth of its counts.
 //!
 //! Checkpoints (copying the WAL back into the database file, with an fsync) are taken off this
