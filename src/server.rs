@@ -98,6 +98,38 @@ struct Storage {
     readiness: Store,
 }
 
+/// The tenants' limits, with the day's token budgets going on from what is stored: the
+/// acceptor never reads them per request.
+fn tenants_as_stored(
+    config: &Arc<Config>,
+    store: &Store,
+    metrics: &Metrics,
+) -> Result<Tenants, StartError> {
+    let today = Day::of(std::time::SystemTime::now());
+    let spent_today = store
+        .tokens_on(today)
+        .map_err(|e| StartError::Store(config.storage.path.clone(), e))?;
+    Ok(Tenants::new(
+        Arc::clone(config),
+        today,
+        spent_today,
+        metrics,
+    ))
+}
+
+/// The workers' LLM client; warns when an OpenAI-compatible upstream gets no key.
+fn llm_client(config: &Config, metrics: &Arc<Metrics>) -> LlmClient {
+    let llm = LlmClient::new(&config.llm, Arc::clone(metrics));
+    if config.llm.provider == crate::config::Provider::Openai && !llm.has_key() {
+        log::warn!(
+            "no API key in ${}: calls to {} go without an Authorization header",
+            config.llm.api_key_env,
+            config.llm.base_url
+        );
+    }
+    llm
+}
+
 /// How long a drained server waits for the answers handed back to be written: to a client
 /// that reads, moments; to one that does not, never.
 const ANSWERS_WRITTEN_WITHIN: Duration = Duration::from_secs(2);
@@ -111,21 +143,8 @@ impl Server {
         let storage = open_storage(&config)?;
         let metrics = Arc::new(Metrics::new(workers, config.server.queue_capacity));
         let (http, addr) = bind(&config, &metrics)?;
-        // The day's budgets go on from what is stored; the acceptor never reads them per request.
-        let today = Day::of(std::time::SystemTime::now());
-        let spent_today = storage
-            .readiness
-            .tokens_on(today)
-            .map_err(|e| StartError::Store(config.storage.path.clone(), e))?;
-        let tenants = Tenants::new(Arc::clone(&config), today, spent_today, &metrics);
-        let llm = LlmClient::new(&config.llm, Arc::clone(&metrics));
-        if config.llm.provider == crate::config::Provider::Openai && !llm.has_key() {
-            log::warn!(
-                "no API key in ${}: calls to {} go without an Authorization header",
-                config.llm.api_key_env,
-                config.llm.base_url
-            );
-        }
+        let tenants = tenants_as_stored(&config, &storage.readiness, &metrics)?;
+        let llm = llm_client(&config, &metrics);
         // Admission enforces workers + queue_capacity in flight. A job holds its ticket from
         // admission until it is done, so the channel, with room for as many, is never full
         // while admission admits: a job that a woken worker has not yet taken is no false 503,
